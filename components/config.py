@@ -1,0 +1,133 @@
+"""Typed run configuration: protocol YAML files, per-method defaults from the papers, `--set key=value` overrides.
+
+Every model forbids unknown keys, so a typo is an error instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from components.errors import UnpoisonError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainParams(Strict):
+    """One training run of the engine. Defaults are the CPU reference protocol of DESIGN.md."""
+
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
+    milestones: list[int] = []  # epochs at which the step schedule divides lr by 10
+    augment: Literal["none", "flip", "crop_flip"] = "flip"
+    grad_clip: float | None = None
+    bf16: bool = True  # CUDA only
+    channels_last: bool = True
+    seed: int = 0
+
+
+class AttackParams(Strict):
+    name: str = "badnets"
+    target: int = Field(0, ge=0)
+    rate: float = 0.05
+    seed: int = 0
+    params: dict[str, Any] = {}  # attack-specific, e.g. {"alpha": 0.2} for blend
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"poison rate {v} is outside (0, 1); set attack.rate to a share such as 0.05")
+        return v
+
+
+class MecaParams(Strict):
+    """MeCa (paper 000). The paper gives no values for eps, r, gamma or E_b: these are chosen once (DESIGN.md's
+    laptop-scale measurements) and never tuned per attack."""
+
+    eps: float = Field(0.1, gt=0)  # perturbation radius of delta (Eq. 3)
+    patch: int = Field(8, ge=1)  # side r of the random square mask m
+    gamma: float = Field(0.1, gt=0, lt=1)  # round e keeps p = 1 - (e+1) gamma of D_u for learning (Algorithm 2)
+    rounds: int = Field(3, ge=1)  # E_b: 3, not 5: at 5 rounds Blend's backdoor collapses (DESIGN.md)
+    learn_epochs: int = Field(1, ge=1)  # learning epochs per round on the kept part (after round 0)
+    unlearn_epochs: int = Field(1, ge=1)
+    unlearn_lr: float = Field(0.01, gt=0)
+    unlearn_ceiling: float = Field(5.0, gt=0)  # per-sample CE above which ascent stops (safeguard)
+    learn_lr: float = Field(0.01, gt=0)
+    score_batch: int = Field(512, ge=1)
+    finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
+    finetune_lr: float = Field(0.01, gt=0)
+
+
+class RunConfig(Strict):
+    protocol: Literal["cpu", "paper", "custom"] = "cpu"
+    data: str = "sample"
+    train_limit: int | None = Field(None, ge=1)  # use only the first N training images (CPU protocol: 10,000)
+    model: str = "small_cnn"
+    seed: int = 0  # model initialisation and every random choice of the defense
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attack: AttackParams = AttackParams()
+    train: TrainParams = TrainParams()  # warm-up / no-defense training and the final training
+    meca: MecaParams = MecaParams()
+
+
+PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars or lists: 0.1, true, [50, 75], blend."""
+    return yaml.safe_load(text)
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UnpoisonError(f"cannot set '{dotted}': '{key}' is a value, not a section; "
+                                f"use a key such as 'train.lr' or 'meca.gamma'")
+    node[leaf] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params" else v
+    return out
+
+
+def load_config(protocol: str = "cpu", overrides: dict[str, Any] | None = None, files: list[Path] = ()) -> RunConfig:
+    """Protocol YAML, then extra YAML files, then dotted `key=value` overrides; validated once at the end."""
+    path = PROTOCOL_DIR / f"{protocol}.yaml"
+    if not path.exists():
+        choices = ", ".join(sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml")))
+        raise UnpoisonError(f"unknown protocol '{protocol}'; choose one of: {choices}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    for f in files:
+        if not Path(f).exists():
+            raise UnpoisonError(f"config file '{f}' does not exist; pass an existing YAML file to --config")
+        tree = _merge(tree, yaml.safe_load(Path(f).read_text()) or {})
+    for dotted, value in (overrides or {}).items():
+        set_path(tree, dotted, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            raise UnpoisonError(f"unknown config key '{where}'; check the spelling against "
+                                f"`unpoison config --protocol {protocol}`") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UnpoisonError(f"bad value for '{where}': {msg}; fix it in the YAML file or the --set option") from None

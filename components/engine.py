@@ -1,0 +1,171 @@
+"""The training engine: one short loop that every stage uses.
+
+Tensors in, tensors out. The whole data set is one uint8 tensor (N, H, W, C) on the device; each batch is
+gathered by index, converted to float NCHW and augmented as a batch on the device. A stage shapes what is
+learned through the per-sample loss function (`loss_fn`) and per-sample weights, e.g. gradient ascent for
+unlearning, symmetric cross-entropy, or LfD's signed weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from components.config import TrainParams
+
+# (logits, labels, sample indices) -> per-sample loss, shape (B,)
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EpochCallback = Callable[[int, nn.Module, dict], None]
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def bounded_ascent(ceiling: float) -> LossFn:
+    """Unlearning loss: gradient ascent on cross-entropy, cut off per sample once its loss exceeds `ceiling`.
+
+    The cut-off is the safeguard against divergence (as ABL's loss flooding): a sample already forgotten
+    contributes no gradient, so ascent cannot blow the weights up chasing an unbounded loss.
+    """
+
+    def loss(logits, y, idx):
+        return -F.cross_entropy(logits.float(), y, reduction="none").clamp(max=ceiling)
+
+    return loss
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_float(xb: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1]."""
+    return xb.permute(0, 3, 1, 2).float().div_(255)
+
+
+def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Batch-wise augmentation on the device: random crop (4-pixel zero padding + offset), horizontal flip."""
+    n, _, h, w = x.shape
+    if mode == "none":
+        return x
+    if mode == "crop_flip":
+        pad = 4
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, None, :, None]  # (n,1,h,1)
+        cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, None, :]  # (n,1,1,w)
+        b = torch.arange(n, device=x.device)[:, None, None, None]
+        c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = xp[b, c, rows, cols]
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    if p.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov and p.momentum > 0,
+                           weight_decay=p.weight_decay)
+
+
+def _schedule(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
+    total = max(1, p.epochs * steps_per_epoch)
+    if p.schedule == "onecycle":  # linear warm-up to lr over 25 % of the steps, then linear decay to ~0
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total, pct_start=0.25,
+                                                   anneal_strategy="linear", cycle_momentum=False)
+    if p.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if p.schedule == "step":  # divide by 10 at each milestone epoch
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [m * steps_per_epoch for m in p.milestones], gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _autocast(device: torch.device, p: TrainParams):
+    # bf16 autocast on CUDA only: CPUs without AMX run bf16 convolutions slower than fp32.
+    if device.type == "cuda" and p.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare(model: nn.Module, p: TrainParams, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: TrainParams, *,
+          loss_fn: LossFn = cross_entropy, weights: torch.Tensor | None = None,
+          on_epoch: EpochCallback | None = None, desc: str = "train", device: torch.device | None = None) -> list[dict]:
+    """Train `model` in place on uint8 `images` (N, H, W, C) with int64 `labels`; return one record per epoch.
+
+    The batch loss is the mean over the batch of `weights[idx] * loss_fn(...)` (weights default to 1).
+    """
+    device = device or default_device()
+    model = prepare(model, p, device)
+    x_all, y_all = images.to(device), labels.to(device)
+    w_all = weights.to(device, torch.float32) if weights is not None else None
+    n = len(y_all)
+    steps = math.ceil(n / p.batch_size)
+    opt = _optimizer(model, p)
+    sched = _schedule(opt, p, steps)
+    gen = torch.Generator().manual_seed(p.seed)
+    history = []
+    bar = tqdm(range(p.epochs), desc=desc, leave=False, disable=None)
+    for epoch in bar:
+        model.train()
+        t0, total_loss, correct = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device)
+        for idx in torch.randperm(n, generator=gen).to(device).split(p.batch_size):
+            xb = augment(to_float(x_all[idx]), p.augment, gen)
+            if p.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yb = y_all[idx]
+            with _autocast(device, p):
+                logits = model(xb)
+            per_sample = loss_fn(logits, yb, idx)
+            loss = (per_sample * w_all[idx]).mean() if w_all is not None else per_sample.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            opt.step()
+            sched.step()
+            total_loss += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "loss": total_loss.item() / n, "train_acc": correct.item() / n,
+                  "seconds": seconds, "samples_per_second": n / seconds, "lr": opt.param_groups[0]["lr"]}
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"{desc}: loss became {record['loss']} in epoch {epoch}; lower the learning rate")
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, model, record)
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024, device: torch.device | None = None,
+            bf16: bool = True) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU for uint8 `images` (N, H, W, C)."""
+    device = device or default_device()
+    model = model.to(device).eval()
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    out = []
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
+    for xb in images.split(batch_size):
+        xb = to_float(xb.to(device))
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with ctx:
+            out.append(model(xb).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,67 @@
+"""Evaluation: the only place that reads ground truth. Models against the clean and the triggered test set,
+scores and splits against the sample table's `is_poison`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components import artifacts, engine, metrics
+from components.artifacts import ROUNDS_SCHEMA, SAMPLE_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
+
+# Which way each score points: -1 = a low score means poison-like (robust, fitted), +1 = a high score does.
+SCORE_DIRECTION = {"kl": -1, "enhanced_loss": -1}
+
+
+def model_metrics(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, trig_x: torch.Tensor,
+                  trig_target: np.ndarray) -> dict:
+    net, _ = artifacts.load_model(model_dir)
+    return {"acc": metrics.accuracy(engine.predict(net, test_x).argmax(1).numpy(), test_y),
+            "asr": metrics.attack_success_rate(engine.predict(net, trig_x).argmax(1).numpy(), trig_target)}
+
+
+def score_metrics(score_table: Path, is_poison: np.ndarray) -> dict:
+    table = artifacts.read_table(score_table, SCORE_SCHEMA)
+    out = {}
+    for col in table:
+        if col in SCORE_SCHEMA:
+            continue
+        direction = SCORE_DIRECTION.get(col, 1)
+        values = table[col].astype(float)
+        out[col] = {"auroc": metrics.auroc(direction * values, is_poison[table["sample_id"]]),
+                    "clean_mean": float(values[~is_poison].mean()), "poison_mean": float(values[is_poison].mean())}
+    return out
+
+
+def split_metrics(split: Path, samples: dict) -> dict:
+    table = artifacts.read_table(split, SPLIT_SCHEMA)
+    is_poison = samples["is_poison"][table["sample_id"]]
+    out = {pool: metrics.pool_stats(table["pool"] == pool, is_poison) for pool in np.unique(table["pool"])}
+    out["detection"] = metrics.detection(table["pool"] != "clean", is_poison)
+    relabelled = table["relabel"] >= 0
+    if relabelled.any():  # relabel accuracy against the true label, on poison and on clean samples
+        truth = samples["true_label"][table["sample_id"]]
+        out["relabel_poison_to_true"] = metrics.accuracy(table["relabel"][relabelled & is_poison],
+                                                         truth[relabelled & is_poison])
+        out["relabel_clean_kept"] = metrics.accuracy(table["relabel"][relabelled & ~is_poison],
+                                                     truth[relabelled & ~is_poison])
+    return out
+
+
+def round_metrics(rounds: Path, samples: dict) -> list[dict]:
+    """MeCa's enhancement per round: what the defender saw, and what ground truth says about it."""
+    table = artifacts.read_table(rounds, ROUNDS_SCHEMA)
+    out = []
+    for r in np.unique(table["round"]):
+        sel = table["round"] == r
+        poison = samples["is_poison"][table["sample_id"][sel]]
+        kept, fitted, kl = table["kept"][sel], table["fitted"][sel], table["kl"][sel]
+        rec = {"round": int(r), "fit_share": float(fitted.mean()), "poison_fitted": float(fitted[poison].mean()),
+               "clean_fitted": float(fitted[~poison].mean()), "unlearned": int((~kept).sum()),
+               "poison_unlearned": int((~kept & poison).sum())}
+        if not np.isnan(kl).all():
+            rec["kl_auroc"] = metrics.auroc(-kl, poison)
+        out.append(rec)
+    return out

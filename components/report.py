@@ -1,0 +1,80 @@
+"""The run report: metrics.json rendered as Markdown, with PNG plots (score histograms as MeCa's Fig. 4, and
+ACC/ASR per epoch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def score_histogram(values: np.ndarray, is_poison: np.ndarray, name: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    finite = values[np.isfinite(values)]
+    bins = np.histogram_bin_edges(finite, bins=50) if len(finite) else 10
+    ax.hist(values[~is_poison], bins=bins, alpha=0.6, label="clean", density=True)
+    ax.hist(values[is_poison], bins=bins, alpha=0.6, label="poisoned", density=True)
+    ax.set_xlabel(name)
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves(histories: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, hist in histories.items():
+        if hist and "test_acc" in hist[0]:
+            epochs = [h["epoch"] + 1 for h in hist]
+            line, = ax.plot(epochs, [h["test_acc"] for h in hist], label=f"{name} ACC")
+            ax.plot(epochs, [h["test_asr"] for h in hist], "--", color=line.get_color(), label=f"{name} ASR")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(m: dict, plots: list[str]) -> str:
+    attack = m["attack"]
+    lines = [f"# unpoison report: {m['defense']} against {attack['name']}", "",
+             f"Protocol `{m['protocol']}`, model `{m['model']}`, poison rate {attack['rate']}, "
+             f"target class {attack['target']}, {m['train_samples']} training samples "
+             f"({m['poison_samples']} poisoned), {m['test_samples']} test images.", "",
+             "## Models", "", "| model | ACC | ASR | DER |", "| --- | --- | --- | --- |"]
+    for name, r in m["models"].items():
+        lines.append(f"| {name} | {r['acc']:.4f} | {r['asr']:.4f} | {_fmt(r.get('der', '-'))} |")
+    if m.get("splits"):
+        lines += ["", "## Splits against ground truth", "",
+                  "| split | TPR | FPR | precision | clean pool size | poison in clean pool |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, s in m["splits"].items():
+            d, c = s["detection"], s.get("clean", {"size": 0, "poison": 0})
+            lines.append(f"| {name} | {_fmt(d['tpr'])} | {_fmt(d['fpr'])} | {_fmt(d['precision'])} | {c['size']} | {c['poison']} |")
+    if m.get("scores"):
+        lines += ["", "## Scores", "", "| score | AUROC (poison-like side) | clean mean | poison mean |",
+                  "| --- | --- | --- | --- |"]
+        for name, s in m["scores"].items():
+            lines.append(f"| {name} | {s['auroc']:.4f} | {s['clean_mean']:.4f} | {s['poison_mean']:.4f} |")
+    if m.get("rounds"):
+        lines += ["", "## Backdoor enhancement rounds", "",
+                  "| round | fit share (observed) | poison fitted | clean fitted | unlearned | poison unlearned | KL AUROC |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in m["rounds"]:
+            lines.append(f"| {r['round']} | {r['fit_share']:.3f} | {r['poison_fitted']:.3f} | {r['clean_fitted']:.3f} | "
+                         f"{r['unlearned']} | {r['poison_unlearned']} | {_fmt(r.get('kl_auroc', '-'))} |")
+    if m.get("stages"):
+        lines += ["", "## Stages", "", "| stage | seconds | samples/s |", "| --- | --- | --- |"]
+        for name, s in m["stages"].items():
+            lines.append(f"| {name} | {s['seconds']:.1f} | {_fmt(s.get('samples_per_second', '-'))} |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"

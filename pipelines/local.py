@@ -1,0 +1,133 @@
+"""The local runner: each defense as a sequence of stage functions, every stage an MLflow child run.
+
+A run writes into `<out>/<name>.partial/` and is renamed to `<out>/<name>/` only when every stage has finished,
+so a folder without the suffix always holds a complete run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+from components import artifacts, stages
+from components.attacks import build_attack
+from components.config import RunConfig
+from components.data import load_images
+from components.errors import UnpoisonError
+from components.models import MODELS
+from components.tracking import Tracker
+
+DEFENSES = ("none", "meca")
+
+
+class Stages:
+    """Calls stage functions inside MLflow child runs, timing each."""
+
+    def __init__(self, run_dir: Path, tracker: Tracker):
+        self.run_dir, self.tracker, self.timings = run_dir, tracker, {}
+
+    def __call__(self, name: str, fn, *args, **kwargs) -> Path:
+        out = self.run_dir / name
+        with self.tracker.run(name, nested=True, tags={"unpoison.stage": name}):
+            t0 = time.perf_counter()
+            result = fn(*args, out=out, **kwargs)
+            seconds = time.perf_counter() - t0
+            self.timings[name] = {"seconds": seconds, **{k: v for k, v in result.items() if k == "samples_per_second"}}
+            self.tracker.metrics({**result, "seconds": seconds})
+            history = next(out.rglob("history.json"), None)
+            if history is not None:
+                self.tracker.history(artifacts.read_json(history))
+            for f in sorted(out.rglob("*")):
+                if f.is_file() and f.suffix != ".npz":  # data sets stay in the run folder, not in MLflow
+                    self.tracker.artifacts_file(f, f"{name}/{f.parent.relative_to(out)}".rstrip("/."))
+        return out
+
+
+def validate(defense: str, cfg: RunConfig) -> None:
+    """Fail fast, before anything is written: defense, model, data, attack and target."""
+    if defense not in DEFENSES:
+        raise UnpoisonError(f"unknown defense '{defense}'; choose one of: {', '.join(DEFENSES)}")
+    if cfg.model not in MODELS:
+        raise UnpoisonError(f"unknown model '{cfg.model}'; choose one of: {', '.join(MODELS)}")
+    train = load_images(cfg.data, "train")
+    load_images(cfg.data, "test")
+    build_attack(cfg.attack.name, target=cfg.attack.target, rate=cfg.attack.rate, seed=cfg.attack.seed,
+                 num_classes=train.num_classes, **cfg.attack.params)
+
+
+def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None, name: str | None = None) -> Path:
+    validate(defense, cfg)
+    name = name or f"{defense}-{cfg.attack.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    final_dir = Path(out_root) / name
+    if final_dir.exists():
+        raise UnpoisonError(f"run folder '{final_dir}' already exists; pass another --name or remove it")
+    run_dir = Path(out_root) / f"{name}.partial"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    artifacts.write_json({"defense": defense, "config": cfg.model_dump()}, run_dir / "config.json")
+    tracker = Tracker(mlflow_uri)
+    with tracker.run(name, tags={"unpoison.defense": defense, "unpoison.attack": cfg.attack.name,
+                                 "unpoison.local_run": name}):
+        tracker.params({"defense": defense, **cfg.model_dump()})
+        st = Stages(run_dir, tracker)
+        PIPELINES[defense](st, cfg, run_dir)
+        m = artifacts.read_json(run_dir / "evaluate" / "metrics.json")
+        m["stages"] = st.timings
+        m["wall_seconds"] = sum(t["seconds"] for t in st.timings.values())
+        artifacts.write_json(m, run_dir / "metrics.json")
+        shutil.copy(run_dir / "evaluate" / "report.md", run_dir / "report.md")
+        tracker.metrics({k: m[k] for k in SUMMARY_KEYS if m.get(k) is not None})
+        tracker.artifacts_file(run_dir / "metrics.json", None)
+    run_dir.rename(final_dir)
+    return final_dir
+
+
+SUMMARY_KEYS = ("acc", "asr", "der", "nodef_acc", "nodef_asr", "acc_relabel", "asr_relabel", "der_relabel",
+                "detection_tpr", "detection_fpr", "detection_precision", "wall_seconds")
+
+
+def _info(defense: str, cfg: RunConfig, st: Stages) -> dict:
+    return {"defense": defense, "protocol": cfg.protocol, "model": cfg.model, "stages": dict(st.timings)}
+
+
+def pipeline_none(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
+    """No defense: plain training on the poisoned set with the same engine (the reference for DER)."""
+    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
+    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
+    model = st("train", stages.train, poisoned / "dataset.npz", params=cfg.train.model_copy(update={"seed": cfg.seed}),
+               model_name=cfg.model, monitor=monitor, desc="no defense")
+    st("evaluate", stages.evaluate, data=cfg.data, attack_json=poisoned / "attack.json",
+       samples=poisoned / "samples.parquet", models={"nodef": model}, defended="nodef", info=_info("none", cfg, st))
+
+
+def pipeline_meca(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
+    """MeCa: warm-up (= the no-defense training), KL scoring, partition, enhancement, identification, clean
+    training, relabel and fine-tune, evaluation."""
+    p, seed = cfg.meca, cfg.seed
+    train_params = cfg.train.model_copy(update={"seed": seed})
+    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
+    data = poisoned / "dataset.npz"
+    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
+    warm = st("warmup", stages.train, data, params=train_params, model_name=cfg.model, monitor=monitor, desc="warm-up")
+    scored = st("score", stages.score_kl, data, warm, params=p, seed=seed)
+    part = st("partition", stages.partition_meca, scored / "scores.parquet", params=p)
+    enhanced = st("enhance", stages.enhance_meca, data, warm, part / "split.parquet", params=p, base=train_params,
+                  seed=seed)
+    ident = st("identify", stages.identify_clean, data, enhanced / "model")
+    clean = st("final_train", stages.train, data, params=train_params, model_name=cfg.model,
+               split=ident / "split.parquet", monitor=monitor, desc="clean model")
+    fine = train_params.model_copy(update={"epochs": p.finetune_epochs, "lr": p.finetune_lr, "schedule": "cosine"})
+    relabelled = st("relabel_finetune", stages.relabel_finetune, data, ident / "split.parquet", clean, params=fine,
+                    monitor=monitor)
+    st("evaluate", stages.evaluate, data=cfg.data, attack_json=poisoned / "attack.json",
+       samples=poisoned / "samples.parquet",
+       models={"nodef": warm, "enhanced": enhanced / "model", "clean": clean, "relabelled": relabelled / "model"},
+       defended="clean", reference="nodef", score_tables=(scored / "scores.parquet", ident / "scores.parquet"),
+       splits={"round0": part / "split.parquet", "identify": ident / "split.parquet",
+               "relabel": relabelled / "split.parquet"},
+       detection_split="identify", rounds=enhanced / "rounds.parquet", info=_info("meca", cfg, st))
+
+
+PIPELINES = {"none": pipeline_none, "meca": pipeline_meca}
