@@ -1,0 +1,23 @@
+# Two commands do all set-up on a fresh machine (Python 3.11 and make are all they need):
+#   make demo   create .venv, then run MeCa against BadNets on the shipped CIFAR-10 sample
+#   make test   create .venv, then run the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+
+.PHONY: demo test benchmark-cpu
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/unpoison run meca --attack badnets --data sample
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
+
+# CPU reference protocol (DESIGN.md) for none and meca on four attacks; needs the full CIFAR-10 Parquet set.
+CIFAR10 ?= ../shared/datasets/cifar10
+benchmark-cpu: $(VENV)/.installed
+	$(VENV)/bin/unpoison benchmark --protocol cpu --defenses none,meca --attacks badnets,blend,sig,wanet --data $(CIFAR10)

@@ -1,0 +1,114 @@
+"""The benchmark matrix: a protocol run for defenses x attacks, written to benchmarks/results/<protocol>-reference.json
+(a list of records) with a Markdown table beside it.
+
+MeCa's warm-up stage *is* the no-defense training (same stage function, parameters, seed and poisoned data; a test
+checks that both give the same model), so when a matrix holds both `none` and `meca`, the `none` record of an
+attack is read from the MeCa run's warm-up model instead of training the same model twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import date
+from pathlib import Path
+
+from components import artifacts, tracking
+from components.errors import UnpoisonError
+from pipelines import local
+
+KEYS = ("defense", "attack", "protocol", "acc", "asr", "der", "detection_tpr", "detection_fpr", "wall_seconds",
+        "machine")
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+
+
+def records_from_run(m: dict, run: str, include_none: bool) -> list[dict]:
+    base = {"protocol": m["protocol"], "attack": m["attack"]["name"], "model": m["model"], "machine": machine(),
+            "date": date.today().isoformat(), "run": run, "train_samples": m["train_samples"],
+            "test_samples": m["test_samples"], "poison_samples": m["poison_samples"]}
+    out = []
+    if m["defense"] == "none" or include_none:
+        ref = m["models"]["nodef"]
+        stages = m["stages"]
+        train_stage = stages.get("train") or stages["warmup"]
+        out.append({**base, "defense": "none", "acc": ref["acc"], "asr": ref["asr"], "der": None,
+                    "detection_tpr": None, "detection_fpr": None,
+                    "wall_seconds": stages["poison"]["seconds"] + train_stage["seconds"],
+                    **({"source": "warm-up stage of the meca run"} if m["defense"] != "none" else {})})
+    if m["defense"] != "none":
+        relabelled = m["models"].get("relabelled", {})
+        out.append({**base, "defense": m["defense"], "acc": m["acc"], "asr": m["asr"], "der": m["der"],
+                    "detection_tpr": m.get("detection_tpr"), "detection_fpr": m.get("detection_fpr"),
+                    "detection_precision": m.get("detection_precision"), "wall_seconds": m["wall_seconds"],
+                    "nodef_acc": m.get("nodef_acc"), "nodef_asr": m.get("nodef_asr"),
+                    "acc_relabel": relabelled.get("acc"), "asr_relabel": relabelled.get("asr"),
+                    "der_relabel": relabelled.get("der")})
+    return out
+
+
+def merge(path: Path, new: list[dict]) -> list[dict]:
+    """Replace records of the same (defense, attack, protocol); keep the others."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    keys = {(r["defense"], r["attack"], r["protocol"]) for r in new}
+    kept = [r for r in old if (r["defense"], r["attack"], r["protocol"]) not in keys]
+    order = {"none": 0}
+    return sorted(kept + new, key=lambda r: (r["protocol"], r["attack"], order.get(r["defense"], 1), r["defense"]))
+
+
+def table(records: list[dict]) -> str:
+    def f(v):
+        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    lines = ["| attack | defense | ACC | ASR | DER | TPR | FPR | ACC relabel | ASR relabel | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        lines.append(f"| {r['attack']} | {r['defense']} | {f(r['acc'])} | {f(r['asr'])} | {f(r['der'])} | "
+                     f"{f(r['detection_tpr'])} | {f(r['detection_fpr'])} | {f(r.get('acc_relabel'))} | "
+                     f"{f(r.get('asr_relabel'))} | {r['wall_seconds']:.0f} |")
+    machines = sorted({r["machine"] for r in records})
+    return "\n".join(lines) + "\n\nMachine: " + "; ".join(machines) + "\n"
+
+
+def main(args) -> None:
+    from pipelines.cli import _overrides
+    from components.config import load_config
+
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    unknown = [d for d in defenses if d not in local.DEFENSES]
+    if unknown:
+        raise UnpoisonError(f"unknown defense(s) {unknown}; choose from: {', '.join(local.DEFENSES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.protocol}-reference.json"
+    uri = tracking.default_uri(args.runs)
+    for attack in attacks:
+        cfg = load_config(args.protocol, _overrides(args.set, **{"attack.name": attack, "data": args.data}), args.config)
+        runs = [d for d in defenses if not (d == "none" and "meca" in defenses)]
+        for defense in runs:
+            run_dir = local.run(defense, cfg, args.runs, mlflow_uri=uri,
+                                name=f"{defense}-{attack}-{args.protocol}-{date.today():%Y%m%d}-{os.getpid()}")
+            m = artifacts.read_json(run_dir / "metrics.json")
+            new = records_from_run(m, run_dir.name, include_none="none" in defenses and defense == "meca")
+            records = merge(path, new)
+            artifacts.write_json(records, path)
+            with artifacts.atomic_path(path.with_suffix(".md")) as tmp:
+                tmp.write_text(f"# {args.protocol} reference protocol\n\n" + table(records))
+            for r in new:
+                print(f"{r['attack']:<8} {r['defense']:<6} ACC {r['acc']:.4f} ASR {r['asr']:.4f} "
+                      f"wall {r['wall_seconds']:.0f} s", flush=True)
+    print(f"results: {path}")
