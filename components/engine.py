@@ -37,7 +37,7 @@ def bounded_ascent(ceiling: float) -> LossFn:
     """
 
     def loss(logits, y, idx):
-        return -F.cross_entropy(logits.float(), y, reduction="none")
+        return -F.cross_entropy(logits.float(), y, reduction="none").clamp(max=ceiling)
 
     return loss
 

@@ -36,6 +36,14 @@ def test_lowest_share_ties_broken_by_sample_order():
     np.testing.assert_array_equal(np.flatnonzero(lowest_share(np.full(5, 2.0), 0.4)), [0, 1])
 
 
+def test_lowest_share_ties_broken_by_sample_order_on_a_large_set():
+    # many ties over a set large enough that an unstable sort would reorder them
+    scores = np.random.default_rng(0).integers(0, 3, 200).astype(float)
+    k = round(0.25 * 200)
+    expected = sorted(range(200), key=lambda i: (scores[i], i))[:k]
+    np.testing.assert_array_equal(np.flatnonzero(lowest_share(scores, 0.25)), sorted(expected))
+
+
 def test_lowest_share_edges():
     scores = np.array([3.0, 1.0, 2.0])
     assert not lowest_share(scores, 0.0).any()
