@@ -11,11 +11,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
+# checkov (manifest checks in the tests) pins packaging<24, which pytest 9 cannot share: it gets its own venv.
+TOOLS ?= .venv-tools
+$(TOOLS)/.installed:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet checkov==3.3.30
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/unpoison run meca --attack badnets --data sample
 
-test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest
+test: $(VENV)/.installed $(TOOLS)/.installed
+	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest
 
 # CPU reference protocol (DESIGN.md) for none and meca on four attacks; needs the full CIFAR-10 Parquet set.
 CIFAR10 ?= ../shared/datasets/cifar10

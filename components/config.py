@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.errors import UnpoisonError
 
@@ -78,8 +78,22 @@ class RunConfig(Strict):
     seed: int = 0  # model initialisation and every random choice of the defense
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attack: AttackParams = AttackParams()
-    train: TrainParams = TrainParams()  # warm-up / no-defense training and the final training
+    train: TrainParams = TrainParams()  # warm-up / no-defense training, and the base of the final training
+    final: dict[str, Any] = {}  # overrides of `train` for a defense's final training only, e.g. {"lr": 0.05}
     meca: MecaParams = MecaParams()
+
+    @model_validator(mode="after")
+    def _final(self):
+        self.final_params()  # an unknown or bad key fails here, naming it
+        return self
+
+    def final_params(self) -> TrainParams:
+        return final_params(self.train, self.final)
+
+
+def final_params(train: TrainParams, overrides: dict[str, Any]) -> TrainParams:
+    """The final training's parameters: `train` with the `final` overrides (validated like `train`)."""
+    return TrainParams.model_validate({**train.model_dump(), **overrides})
 
 
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
@@ -121,6 +135,11 @@ def load_config(protocol: str = "cpu", overrides: dict[str, Any] | None = None, 
         tree = _merge(tree, yaml.safe_load(Path(f).read_text()) or {})
     for dotted, value in (overrides or {}).items():
         set_path(tree, dotted, value)
+    if isinstance(tree.get("final"), dict) and "final" in tree:
+        unknown = sorted(set(tree["final"]) - set(TrainParams.model_fields))
+        if unknown:
+            raise UnpoisonError(f"unknown config key 'final.{unknown[0]}'; final takes the keys of train "
+                                f"({', '.join(TrainParams.model_fields)})")
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

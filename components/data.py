@@ -9,7 +9,10 @@
   ``.parquet`` file; schema ``img: struct<bytes: binary, path: string>`` (PNG/JPEG per row) + ``label: int64``;
 - the official CIFAR-10 python release folder ``cifar-10-batches-py`` (or a folder that contains it);
 - an image folder ``<root>/<split>/<class>/*.png`` or, with no split subfolders, ``<root>/<class>/*.png``;
-- an ``.npz`` file written by `save_npz`.
+- an ``.npz`` file written by `save_npz`;
+- ``s3://bucket/key-or-prefix``: any of the above in an S3 store, copied first into a local cache folder
+  by `components.store.fetch` (reads ``S3_ENDPOINT`` and the ``AWS_*`` credentials; files whose sha256
+  matches are not downloaded again).
 
 Sources with no notion of a split (one ``.parquet`` or ``.npz`` file, an image folder without split
 subfolders) return all their images whatever `split` asks for; `load_train_test` refuses them.
@@ -206,6 +209,10 @@ def _load(source: str | os.PathLike, split: str, size: int | None) -> tuple[Imag
     """(data set, whether the source has separate splits)."""
     if size is not None and (not isinstance(size, int) or size < 1):
         raise UnpoisonError(f"image size {size!r} is not a positive integer; pass size=N with N >= 1, e.g. 32")
+    if str(source).startswith("s3://"):
+        from components.store import fetch  # imported here: only S3 sources need the store
+
+        source = fetch(str(source))
     if isinstance(source, str) and source == SAMPLE:
         d = sample_dir()
         f = d / f"{split}.parquet"

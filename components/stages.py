@@ -7,6 +7,8 @@ same functions. A defense stage never reads the ground-truth columns of the samp
 from __future__ import annotations
 
 import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +46,27 @@ def _model_ref(folder: Path) -> str:
     return artifacts.read_json(Path(folder) / "model.json")["weights_sha256"][:16]
 
 
+def recorded(stage: str, fn, out, *args, **kwargs) -> dict:
+    """Run stage function `fn` into folder `out`, then write and return out/stage.json: the stage's result, its wall
+    time and a unique execution id (so that a result served from a cache can be traced to the execution that made
+    it)."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    result = fn(*args, out=out, **kwargs)
+    seconds = time.perf_counter() - t0
+    record = {"stage": stage, "result": result, "seconds": seconds, "execution_id": uuid.uuid4().hex,
+              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    artifacts.write_json(record, out / "stage.json")
+    return record
+
+
 # --- poison injection -------------------------------------------------------------------------------------------
 
-def poison(data: str, attack: AttackParams, out: Path, *, train_limit: int | None = None) -> dict:
-    """Poison the training split of `data`: out/dataset.npz, out/samples.parquet (with ground truth),
-    out/attack.json (the spec that triggers the test set) and out/dataset.json (content hashes)."""
+def poison(data: str, attack: AttackParams, out: Path, *, train_limit: int | None = None,
+           truth: Path | None = None) -> dict:
+    """Poison the training split of `data`: out/dataset.npz, out/attack.json (the spec that triggers the test set),
+    out/dataset.json (content hashes), and the sample table with ground truth in truth/samples.parquet (truth
+    defaults to out; the KFP component keeps it in an artifact of its own that only evaluation reads)."""
     clean = load_images(data, "train")
     if train_limit is not None and train_limit < len(clean):
         clean = clean.subset(slice(0, train_limit))
@@ -59,7 +77,7 @@ def poison(data: str, attack: AttackParams, out: Path, *, train_limit: int | Non
     save_npz(res.dataset, out / "dataset.npz")
     artifacts.write_table({"sample_id": np.arange(len(clean)), "label": res.dataset.labels,
                            "true_label": res.true_label, "is_poison": res.is_poison, "is_cover": res.is_cover},
-                          out / "samples.parquet", SAMPLE_SCHEMA)
+                          Path(truth or out) / "samples.parquet", SAMPLE_SCHEMA)
     artifacts.write_json(atk.spec(), out / "attack.json")
     artifacts.write_json({"source": str(data), "clean_hash": clean.content_hash,
                           "dataset_hash": res.dataset.content_hash}, out / "dataset.json")
@@ -260,3 +278,22 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
     with artifacts.atomic_path(out / "report.md") as tmp:
         tmp.write_text(report.markdown(m, plots))
     return {"acc": m["acc"], "asr": m["asr"], **({"der": m["der"]} if m["der"] is not None else {})}
+
+
+def evaluate_defense(out: Path, *, data: str, defense: str, dirs: dict[str, Path], info: dict | None = None) -> dict:
+    """`evaluate` wired to a defense's stage output folders (`dirs`: stage -> folder; `truth` defaults to the poison
+    stage's folder). The one place that knows which folder holds which model, score and split."""
+    d = {k: Path(v) for k, v in dirs.items()}
+    common = {"data": data, "attack_json": d["poison"] / "attack.json",
+              "samples": d.get("truth", d["poison"]) / "samples.parquet", "info": {**(info or {}), "defense": defense}}
+    if defense == "none":
+        return evaluate(out, models={"nodef": d["train"]}, defended="nodef", **common)
+    if defense == "meca":
+        return evaluate(out, models={"nodef": d["warmup"], "enhanced": d["enhance"] / "model", "clean": d["final_train"],
+                                     "relabelled": d["relabel_finetune"] / "model"},
+                        defended="clean", reference="nodef",
+                        score_tables=(d["score"] / "scores.parquet", d["identify"] / "scores.parquet"),
+                        splits={"round0": d["partition"] / "split.parquet", "identify": d["identify"] / "split.parquet",
+                                "relabel": d["relabel_finetune"] / "split.parquet"},
+                        detection_split="identify", rounds=d["enhance"] / "rounds.parquet", **common)
+    raise UnpoisonError(f"no evaluation layout for defense '{defense}'; add one to stages.evaluate_defense")

@@ -42,7 +42,8 @@ def summary_table(m: dict) -> str:
     if m.get("detection_tpr") is not None:
         lines.append(f"detection: TPR {m['detection_tpr']:.4f}  FPR {m['detection_fpr']:.4f}  "
                      f"precision {m['detection_precision']:.4f}")
-    lines.append(f"wall time: {m['wall_seconds']:.0f} s")
+    if "wall_seconds" in m:
+        lines.append(f"wall time: {m['wall_seconds']:.0f} s")
     return "\n".join(lines)
 
 
@@ -52,7 +53,15 @@ def cmd_run(args) -> None:
 
     cfg = _config(args)
     uri = None if args.no_mlflow else (args.mlflow_uri or tracking.default_uri(args.out))
-    run_dir = local.run(args.defense, cfg, args.out, mlflow_uri=uri, name=args.name)
+    if args.engine == "kfp-local":
+        from pipelines import kfp_pipelines as kp
+
+        local.validate(args.defense, cfg)
+        run_dir, log = kp.run_local(kp.PIPELINES[args.defense], kp.arguments(cfg), args.out / "kfp-local",
+                                    mlflow_uri=uri)
+        print(f"executed: {', '.join(log.executed) or 'nothing'}; from cache: {', '.join(log.cached) or 'nothing'}")
+    else:
+        run_dir = local.run(args.defense, cfg, args.out, mlflow_uri=uri, name=args.name)
     m = artifacts.read_json(run_dir / "metrics.json")
     print(summary_table(m))
     print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
@@ -64,10 +73,58 @@ def cmd_config(args) -> None:
     print(yaml.safe_dump(_config(args).model_dump(), sort_keys=False), end="")
 
 
+def cmd_compile(args) -> None:
+    from pipelines import kfp_pipelines as kp
+
+    for path in kp.compile_all(args.out):
+        print(path)
+
+
+def cmd_submit(args) -> None:
+    import kfp
+
+    from pipelines import kfp_pipelines as kp
+    from pipelines.local import validate
+
+    if args.defense not in ("none", "meca"):
+        raise UnpoisonError(f"unknown defense '{args.defense}'; choose one of: none, meca")
+    cfg = _config(args)
+    if args.validate_data:
+        validate(args.defense, cfg)
+    client = kfp.Client(host=args.host)
+    run = client.create_run_from_pipeline_func(kp.PIPELINES[args.defense], arguments=kp.arguments(cfg),
+                                               experiment_name=args.experiment, enable_caching=True,
+                                               run_name=args.name)
+    print(f"run id: {run.run_id}\nrun: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
+    if args.wait:
+        done = client.wait_for_run_completion(run.run_id, timeout=args.timeout)
+        print(f"state: {done.state}")
+
+
+def cmd_rerun(args) -> None:
+    from pipelines import rerun
+
+    rerun.main(args)
+
+
 def cmd_benchmark(args) -> None:
     from pipelines import benchmark
 
     benchmark.main(args)
+
+
+def cmd_data_push(args) -> None:
+    from components.store import Store, parse_uri
+
+    bucket, key = parse_uri(args.uri)
+    if not args.local.exists():
+        raise UnpoisonError(f"'{args.local}' does not exist; pass a file or a folder to upload")
+    store = Store.from_env()
+    if args.local.is_dir():
+        store.put_dir(args.local, args.uri, on_upload=lambda uri: print(uri, flush=True))
+    else:  # a file goes to the key given, or into the folder that a URI ending in / names
+        name = args.local.name if not key or key.endswith("/") else ""
+        print(store.put_file(args.local, f"s3://{bucket}/{key}{name}"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,8 +146,38 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--name", help="run folder name (default: <defense>-<attack>-<time>)")
     r.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
     r.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    r.add_argument("--engine", choices=["local", "kfp-local"], default="local",
+                   help="local: stage functions in this process; kfp-local: the KFP pipeline under kfp.local "
+                        "(SubprocessRunner, caching on; outputs under <out>/kfp-local)")
     common(r)
     r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser("compile", help="compile every pipeline to YAML")
+    k.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "compiled")
+    k.set_defaults(func=cmd_compile)
+
+    sb = sub.add_parser("submit", help="submit a defense pipeline to a KFP cluster")
+    sb.add_argument("defense", help="none or meca")
+    sb.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    sb.add_argument("--experiment", default="unpoison")
+    sb.add_argument("--name", help="run name")
+    sb.add_argument("--attack")
+    sb.add_argument("--data", help="data source as the pods see it: sample or s3://bucket/prefix/")
+    sb.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    sb.add_argument("--timeout", type=int, default=24 * 3600)
+    sb.add_argument("--validate-data", action="store_true", help="also load --data here before submitting")
+    common(sb)
+    sb.set_defaults(func=cmd_submit)
+
+    rr = sub.add_parser("rerun", help="rerun one stage of an earlier run on its recorded input artifacts")
+    rr.add_argument("--run", required=True, help="the earlier run: its name, KFP run id or MLflow run id")
+    rr.add_argument("--stage", required=True, help="stage to rerun, e.g. final_train")
+    rr.add_argument("--mlflow-uri", help="where the earlier run was recorded (default: sqlite:///runs/mlflow.db)")
+    rr.add_argument("--host", help="KFP API endpoint: submit there; without it the stage runs under kfp.local")
+    rr.add_argument("--experiment", default="unpoison")
+    rr.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    rr.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    rr.set_defaults(func=cmd_rerun)
 
     c = sub.add_parser("config", help="print the resolved configuration")
     c.add_argument("--attack")
@@ -106,6 +193,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
     common(b)
     b.set_defaults(func=cmd_benchmark)
+
+    d = sub.add_parser("data", help="move data sets to the S3 object store")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    push = dsub.add_parser(
+        "push", help="upload a file or a folder (recursively) to s3://bucket/prefix, printing each object URI",
+        description="Upload a file or a folder to the S3 store named by S3_ENDPOINT, AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (optional AWS_REGION); creates the bucket if needed. A folder goes to "
+                    "<prefix>/<relative path>; a file goes to the key given, or into <prefix>/ if the URI ends in /.")
+    push.add_argument("local", type=Path, help="file or folder to upload")
+    push.add_argument("uri", help="s3://bucket/prefix")
+    push.set_defaults(func=cmd_data_push)
     return p
 
 

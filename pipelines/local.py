@@ -1,4 +1,5 @@
-"""The local runner: each defense as a sequence of stage functions, every stage an MLflow child run.
+"""The local runner: each defense as a sequence of stage functions in one process; MLflow records the finished run
+(a parent run, one child run per stage).
 
 A run writes into `<out>/<name>.partial/` and is renamed to `<out>/<name>/` only when every stage has finished,
 so a folder without the suffix always holds a complete run.
@@ -7,41 +8,31 @@ so a folder without the suffix always holds a complete run.
 from __future__ import annotations
 
 import shutil
-import time
 from datetime import datetime
 from pathlib import Path
 
-from components import artifacts, stages
+from components import artifacts, stages, tracking
 from components.attacks import build_attack
 from components.config import RunConfig
 from components.data import load_images
+from components.defenses import meca
 from components.errors import UnpoisonError
 from components.models import MODELS
-from components.tracking import Tracker
 
 DEFENSES = ("none", "meca")
 
 
 class Stages:
-    """Calls stage functions inside MLflow child runs, timing each."""
+    """Calls stage functions into the run folder (each records stage.json), collecting wall times."""
 
-    def __init__(self, run_dir: Path, tracker: Tracker):
-        self.run_dir, self.tracker, self.timings = run_dir, tracker, {}
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.timings = run_dir, {}
 
     def __call__(self, name: str, fn, *args, **kwargs) -> Path:
         out = self.run_dir / name
-        with self.tracker.run(name, nested=True, tags={"unpoison.stage": name}):
-            t0 = time.perf_counter()
-            result = fn(*args, out=out, **kwargs)
-            seconds = time.perf_counter() - t0
-            self.timings[name] = {"seconds": seconds, **{k: v for k, v in result.items() if k == "samples_per_second"}}
-            self.tracker.metrics({**result, "seconds": seconds})
-            history = next(out.rglob("history.json"), None)
-            if history is not None:
-                self.tracker.history(artifacts.read_json(history))
-            for f in sorted(out.rglob("*")):
-                if f.is_file() and f.suffix != ".npz":  # data sets stay in the run folder, not in MLflow
-                    self.tracker.artifacts_file(f, f"{name}/{f.parent.relative_to(out)}".rstrip("/."))
+        record = stages.recorded(name, fn, out, *args, **kwargs)
+        self.timings[name] = {"seconds": record["seconds"],
+                              **{k: v for k, v in record["result"].items() if k == "samples_per_second"}}
         return out
 
 
@@ -67,25 +58,19 @@ def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None,
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     artifacts.write_json({"defense": defense, "config": cfg.model_dump()}, run_dir / "config.json")
-    tracker = Tracker(mlflow_uri)
-    with tracker.run(name, tags={"unpoison.defense": defense, "unpoison.attack": cfg.attack.name,
-                                 "unpoison.local_run": name}):
-        tracker.params({"defense": defense, **cfg.model_dump()})
-        st = Stages(run_dir, tracker)
-        PIPELINES[defense](st, cfg, run_dir)
-        m = artifacts.read_json(run_dir / "evaluate" / "metrics.json")
-        m["stages"] = st.timings
-        m["wall_seconds"] = sum(t["seconds"] for t in st.timings.values())
-        artifacts.write_json(m, run_dir / "metrics.json")
-        shutil.copy(run_dir / "evaluate" / "report.md", run_dir / "report.md")
-        tracker.metrics({k: m[k] for k in SUMMARY_KEYS if m.get(k) is not None})
-        tracker.artifacts_file(run_dir / "metrics.json", None)
+    st = Stages(run_dir)
+    PIPELINES[defense](st, cfg, run_dir)
+    m = artifacts.read_json(run_dir / "evaluate" / "metrics.json")
+    m["stages"] = st.timings
+    m["wall_seconds"] = sum(t["seconds"] for t in st.timings.values())
+    artifacts.write_json(m, run_dir / "metrics.json")
+    shutil.copy(run_dir / "evaluate" / "report.md", run_dir / "report.md")
     run_dir.rename(final_dir)
+    if mlflow_uri:
+        tracking.record_pipeline_run(name, defense, cfg.model_dump(),
+                                     {s: (str(final_dir / s), str(final_dir / s)) for s in st.timings},
+                                     uri=mlflow_uri, tags={"unpoison.engine": "local"})
     return final_dir
-
-
-SUMMARY_KEYS = ("acc", "asr", "der", "nodef_acc", "nodef_asr", "acc_relabel", "asr_relabel", "der_relabel",
-                "detection_tpr", "detection_fpr", "detection_precision", "wall_seconds")
 
 
 def _info(defense: str, cfg: RunConfig, st: Stages) -> dict:
@@ -98,8 +83,8 @@ def pipeline_none(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
     monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
     model = st("train", stages.train, poisoned / "dataset.npz", params=cfg.train.model_copy(update={"seed": cfg.seed}),
                model_name=cfg.model, monitor=monitor, desc="no defense")
-    st("evaluate", stages.evaluate, data=cfg.data, attack_json=poisoned / "attack.json",
-       samples=poisoned / "samples.parquet", models={"nodef": model}, defended="nodef", info=_info("none", cfg, st))
+    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="none", info=_info("none", cfg, st),
+       dirs={"poison": poisoned, "train": model})
 
 
 def pipeline_meca(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
@@ -116,18 +101,14 @@ def pipeline_meca(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
     enhanced = st("enhance", stages.enhance_meca, data, warm, part / "split.parquet", params=p, base=train_params,
                   seed=seed)
     ident = st("identify", stages.identify_clean, data, enhanced / "model")
-    clean = st("final_train", stages.train, data, params=train_params, model_name=cfg.model,
+    final = cfg.final_params().model_copy(update={"seed": seed})
+    clean = st("final_train", stages.train, data, params=final, model_name=cfg.model,
                split=ident / "split.parquet", monitor=monitor, desc="clean model")
-    fine = train_params.model_copy(update={"epochs": p.finetune_epochs, "lr": p.finetune_lr, "schedule": "cosine"})
-    relabelled = st("relabel_finetune", stages.relabel_finetune, data, ident / "split.parquet", clean, params=fine,
-                    monitor=monitor)
-    st("evaluate", stages.evaluate, data=cfg.data, attack_json=poisoned / "attack.json",
-       samples=poisoned / "samples.parquet",
-       models={"nodef": warm, "enhanced": enhanced / "model", "clean": clean, "relabelled": relabelled / "model"},
-       defended="clean", reference="nodef", score_tables=(scored / "scores.parquet", ident / "scores.parquet"),
-       splits={"round0": part / "split.parquet", "identify": ident / "split.parquet",
-               "relabel": relabelled / "split.parquet"},
-       detection_split="identify", rounds=enhanced / "rounds.parquet", info=_info("meca", cfg, st))
+    relabelled = st("relabel_finetune", stages.relabel_finetune, data, ident / "split.parquet", clean,
+                    params=meca.finetune_params(train_params, p), monitor=monitor)
+    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="meca", info=_info("meca", cfg, st),
+       dirs={"poison": poisoned, "warmup": warm, "score": scored, "partition": part, "enhance": enhanced,
+             "identify": ident, "final_train": clean, "relabel_finetune": relabelled})
 
 
 PIPELINES = {"none": pipeline_none, "meca": pipeline_meca}

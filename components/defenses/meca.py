@@ -89,6 +89,11 @@ def identify_clean(enhanced: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
     return ~fitted(enhanced, x, y)
 
 
+def finetune_params(train: TrainParams, params: MecaParams) -> TrainParams:
+    """Section 4.2.4's fine-tuning: the protocol's training with MeCa's fine-tune epochs and a cosine-decayed lr."""
+    return train.model_copy(update={"epochs": params.finetune_epochs, "lr": params.finetune_lr, "schedule": "cosine"})
+
+
 def relabel(clean_model: nn.Module, x: torch.Tensor) -> np.ndarray:
     """Eq. 12: y_hat = f(x) for the samples judged poisoned, with the clean model."""
     return engine.predict(clean_model, x).argmax(1).numpy()

@@ -1,0 +1,158 @@
+"""The KFP layer: compiled specs (GPU, tolerations, secrets, caching), the checked-in YAML, and real kfp.local runs
+with caching, MLflow tracking and a one-stage rerun through dsl.importer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import load_config
+from pipelines import kfp_pipelines as kp
+from pipelines.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+GPU_TASKS = {"train", "train-2", "score-kl", "enhance-meca", "identify-clean", "relabel-finetune", "evaluate"}
+STAGE_TASKS = {"poison", "train", "score-kl", "partition-meca", "enhance-meca", "identify-clean", "train-2",
+               "relabel-finetune", "evaluate"}
+TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
+
+
+def _spec(name):
+    pipeline, platform = yaml.safe_load_all((kp.COMPILED / f"{name}.yaml").read_text())
+    return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_checked_in_yaml_is_current(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("UNPOISON_STAGE_IMAGE", "UNPOISON_GPU_NODE_SELECTOR")}
+    subprocess.run([sys.executable, "-m", "pipelines.cli", "compile", "--out", str(tmp_path)], cwd=REPO, env=env,
+                   check=True, capture_output=True)
+    for fresh in sorted(tmp_path.glob("*.yaml")):
+        checked_in = kp.COMPILED / fresh.name
+        assert checked_in.exists(), f"{fresh.name} is not checked in; run `unpoison compile`"
+        # compare the parsed specs: the header comment lists dict defaults in protobuf's unstable key order
+        fresh_docs = list(yaml.safe_load_all(fresh.read_text()))
+        assert fresh_docs == list(yaml.safe_load_all(checked_in.read_text())), \
+            f"{fresh.name} is stale; run `unpoison compile`"
+    assert {p.name for p in kp.COMPILED.glob("*.yaml")} == {p.name for p in tmp_path.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", ["meca", "none", "rerun-final_train"])
+def test_compiled_spec_asks_for_gpus_secrets_and_caching(name):
+    pipeline, platform = _spec(name)
+    tasks = pipeline["root"]["dag"]["tasks"]
+    executors = pipeline["deploymentSpec"]["executors"]
+    gpu_tasks = [t for t in tasks if t in GPU_TASKS]
+    assert gpu_tasks, "no training or scoring task"
+    for task_name, task in tasks.items():
+        executor = pipeline["components"][task["componentRef"]["name"]]["executorLabel"]
+        if "importer" in executors[executor]:
+            continue
+        resources = executors[executor]["container"]["resources"]
+        k8s = platform[executor]
+        secrets = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in k8s["secretAsEnv"]}
+        assert secrets["unpoison-s3"] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"}
+        assert secrets["unpoison-mlflow"] == {"MLFLOW_TRACKING_URI"}
+        assert "cpuRequest" in resources and "memoryRequest" in resources
+        if task_name in GPU_TASKS:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "1"
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
+            assert task["retryPolicy"]["maxRetryCount"] == 2
+        if task_name == "track":
+            assert not task.get("cachingOptions", {}).get("enableCache"), "tracking must run every time"
+        else:
+            assert task["cachingOptions"]["enableCache"] is True, task_name
+    # secrets are never component inputs
+    for component in pipeline["components"].values():
+        params = component.get("inputDefinitions", {}).get("parameters", {})
+        assert not any("secret" in p.lower() or "key" in p.lower() for p in params)
+
+
+@pytest.fixture(scope="module")
+def kfp_runs(tmp_path_factory):
+    """Three runs of the MeCa pipeline under kfp.local: first, identical second, and one with a final-training change."""
+    root = tmp_path_factory.mktemp("kfp")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_config("cpu", TINY)
+    runs = [kp.run_local(kp.meca_pipeline, kp.arguments(cfg), root, mlflow_uri=uri) for _ in range(2)]
+    changed = load_config("cpu", {**TINY, "final.lr": 0.05})
+    runs.append(kp.run_local(kp.meca_pipeline, kp.arguments(changed), root, mlflow_uri=uri))
+    return root, uri, runs
+
+
+def test_first_run_executes_every_stage(kfp_runs):
+    _, _, runs = kfp_runs
+    metrics_dir, log = runs[0]
+    assert set(log.executed) == STAGE_TASKS | {"track"} and not log.cached
+    m = json.loads((metrics_dir / "metrics.json").read_text())
+    assert m["defense"] == "meca" and 0 <= m["asr"] <= 1 and 0 <= m["acc"] <= 1 and 0 <= m["der"] <= 1
+    assert set(m["models"]) == {"nodef", "enhanced", "clean", "relabelled"}
+
+
+def test_identical_second_run_executes_no_stage(kfp_runs):
+    _, _, runs = kfp_runs
+    _, log = runs[1]
+    assert log.executed == ["track"]  # bookkeeping only, never cached
+    assert set(log.cached) == STAGE_TASKS
+
+
+def test_final_training_change_reruns_only_what_depends_on_it(kfp_runs):
+    _, _, runs = kfp_runs
+    _, log = runs[2]
+    # final training, the fine-tune of its model, evaluation (and tracking); nothing upstream
+    assert set(log.executed) == {"train-2", "relabel-finetune", "evaluate", "track"}
+    assert set(log.cached) == STAGE_TASKS - {"train-2", "relabel-finetune", "evaluate"}
+
+
+def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
+    from mlflow.tracking import MlflowClient
+
+    _, uri, _ = kfp_runs
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("unpoison")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 3
+    first, second, third = (p.data.tags["unpoison.kfp_run_id"] for p in parents)
+    children = {p.data.tags["unpoison.kfp_run_id"]: {r.data.tags["unpoison.stage"]: r for r in runs
+                                                     if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+                for p in parents}
+    assert set(children[first]) == {"poison", "warmup", "score", "partition", "enhance", "identify", "final_train",
+                                    "relabel_finetune", "evaluate"}
+    assert all("unpoison.cached_from" not in r.data.tags for r in children[first].values())
+    assert all(r.data.tags["unpoison.cached_from"] == first for r in children[second].values())
+    assert children[third]["warmup"].data.tags["unpoison.cached_from"] == first
+    assert "unpoison.cached_from" not in children[third]["final_train"].data.tags
+    assert parents[2].data.params["final.lr"] == "0.05"
+    assert 0 <= parents[0].data.metrics["asr"] <= 1
+
+
+def test_rerun_one_stage_on_recorded_artifacts(kfp_runs, tmp_path, capsys):
+    _, uri, _ = kfp_runs
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("unpoison")
+    first = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+             if "mlflow.parentRunId" not in r.data.tags][0]
+    code = main(["rerun", "--run", first.data.tags["unpoison.kfp_run_id"], "--stage", "final_train", "--mlflow-uri",
+                 uri, "--out", str(tmp_path), "--set", "final.lr=0.02"])
+    assert code == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    executed = [ln for ln in lines if ln.startswith("executed: ")][-1].removeprefix("executed: ").split(";")[0]
+    assert [t for t in executed.split(", ") if not t.startswith("importer")] == ["train"]  # one stage; inputs imported
+    model = Path([ln for ln in lines if ln.startswith("model: /")][-1].removeprefix("model: "))
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["train_params"]["lr"] == 0.02 and meta["trained_on"] < 600
+
+
+def test_rerun_unknown_run_is_a_clear_error(tmp_path, capsys):
+    code = main(["rerun", "--run", "nope", "--stage", "final_train", "--mlflow-uri",
+                 f"sqlite:///{tmp_path / 'm.db'}", "--out", str(tmp_path)])
+    assert code == 2
+    assert "no recorded run 'nope'" in capsys.readouterr().err
