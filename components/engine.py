@@ -79,8 +79,8 @@ def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
 
 def _schedule(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
     total = max(1, p.epochs * steps_per_epoch)
-    if p.schedule == "onecycle":  # linear warm-up to lr over 25 % of the steps, then linear decay to ~0
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total, pct_start=0.25,
+    if p.schedule == "onecycle" and total >= 4:  # linear warm-up over 25 % of the steps, then linear decay to ~0
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total, pct_start=max(0.25, 2 / total),
                                                    anneal_strategy="linear", cycle_momentum=False)
     if p.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)

@@ -15,7 +15,7 @@ import os
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
-STAGE_IMAGE = os.environ.get("UNPOISON_STAGE_IMAGE", "ghcr.io/unpoison/stage-python:0.1.0")
+STAGE_IMAGE = os.environ.get("UNPOISON_STAGE_IMAGE", "ghcr.io/unpoison/unpoison-stage:0.1.0")
 
 
 def component(fn):
