@@ -91,10 +91,15 @@ def cmd_submit(args) -> None:
     cfg = _config(args)
     if args.validate_data:
         validate(args.defense, cfg)
-    client = kfp.Client(host=args.host)
-    run = client.create_run_from_pipeline_func(kp.PIPELINES[args.defense], arguments=kp.arguments(cfg),
-                                               experiment_name=args.experiment, enable_caching=True,
-                                               run_name=args.name)
+    try:
+        client = kfp.Client(host=args.host)
+        run = client.create_run_from_pipeline_func(kp.PIPELINES[args.defense], arguments=kp.arguments(cfg),
+                                                   experiment_name=args.experiment, enable_caching=True,
+                                                   run_name=args.name, service_account=args.service_account)
+    except Exception as e:  # kfp raises urllib3 / kfp_server_api errors of many kinds
+        raise UnpoisonError(f"the KFP API at {args.host} did not accept the run ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); check --host (e.g. kubectl port-forward "
+                            f"svc/ml-pipeline-ui 8080:80 -n kubeflow) and that KFP is running") from None
     print(f"run id: {run.run_id}\nrun: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
     if args.wait:
         done = client.wait_for_run_completion(run.run_id, timeout=args.timeout)
@@ -166,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--wait", action="store_true", help="wait for the run to finish")
     sb.add_argument("--timeout", type=int, default=24 * 3600)
     sb.add_argument("--validate-data", action="store_true", help="also load --data here before submitting")
+    sb.add_argument("--service-account", help="Kubernetes service account of the pipeline pods "
+                                              "(the manifests create unpoison-pipeline)")
     common(sb)
     sb.set_defaults(func=cmd_submit)
 

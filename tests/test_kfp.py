@@ -156,3 +156,16 @@ def test_rerun_unknown_run_is_a_clear_error(tmp_path, capsys):
                  f"sqlite:///{tmp_path / 'm.db'}", "--out", str(tmp_path)])
     assert code == 2
     assert "no recorded run 'nope'" in capsys.readouterr().err
+
+
+def test_submit_to_unreachable_host_is_a_clear_error(capsys):
+    code = main(["submit", "meca", "--host", "http://127.0.0.1:9", "--set", "train.epochs=1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unpoison: error: the KFP API at http://127.0.0.1:9 did not accept the run")
+    assert len(err.splitlines()) == 1
+
+
+def test_submit_rejects_bad_config_before_contacting_kfp(capsys):
+    assert main(["submit", "meca", "--host", "http://127.0.0.1:9", "--set", "attack.rate=2"]) == 2
+    assert "attack.rate" in capsys.readouterr().err
