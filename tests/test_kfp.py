@@ -169,3 +169,12 @@ def test_submit_to_unreachable_host_is_a_clear_error(capsys):
 def test_submit_rejects_bad_config_before_contacting_kfp(capsys):
     assert main(["submit", "meca", "--host", "http://127.0.0.1:9", "--set", "attack.rate=2"]) == 2
     assert "attack.rate" in capsys.readouterr().err
+
+
+def test_cli_runs_the_pipeline_under_kfp_local(tmp_path, capsys):
+    code = main(["run", "none", "--engine", "kfp-local", "--no-mlflow", "--out", str(tmp_path),
+                 "--set", "train_limit=300", "train.epochs=1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "executed: evaluate, poison, track, train;" in out and "no defense" in out
+    assert (tmp_path / "kfp-local" / ".kfp_cache").is_dir()
