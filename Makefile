@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 
-.PHONY: demo test benchmark-cpu
+.PHONY: demo test benchmark-cpu benchmark-perf benchmark-paper
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -28,3 +28,12 @@ test: $(VENV)/.installed $(TOOLS)/.installed
 CIFAR10 ?= ../shared/datasets/cifar10
 benchmark-cpu: $(VENV)/.installed
 	$(VENV)/bin/unpoison benchmark --protocol cpu --defenses none,meca --attacks badnets,blend,sig,wanet --data $(CIFAR10)
+
+# Engine and scoring throughput against the common way, and epoch time / peak memory at 5k-50k samples
+# (benchmarks/results/performance.json and .md). On a GPU machine it measures the GPU path.
+benchmark-perf: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/performance.py --data $(CIFAR10)
+
+# Paper protocol (GPU): MeCa and no defense on BadNets, full CIFAR-10, ResNet-18; the wall time is in the records.
+benchmark-paper: $(VENV)/.installed
+	$(VENV)/bin/unpoison benchmark --protocol paper --defenses none,meca --attacks badnets --data $(CIFAR10)

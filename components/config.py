@@ -34,6 +34,7 @@ class TrainParams(Strict):
     grad_clip: float | None = None
     bf16: bool = True  # CUDA only
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model, once per architecture (engine.compiled); for GPU runs
     seed: int = 0
 
 
@@ -70,6 +71,37 @@ class MecaParams(Strict):
     finetune_lr: float = Field(0.01, gt=0)
 
 
+class AablParams(Strict):
+    """A-ABL (paper 001, section 6's settings). Stage 1 is the warm-up (the protocol's training with the `warmup`
+    overrides), stage 2 scores every sample with the SCE of its iFGSM adversarial example and splits at Otsu's
+    threshold, stage 3 is PGD adversarial training from scratch on the vulnerable part (the final training with the
+    `final` overrides)."""
+
+    warmup: dict[str, Any] = {}  # overrides of `train` for stage 1 (paper protocol: Adam, lr 1e-3, 20 epochs)
+    score_eps: float | None = Field(None, gt=0)  # iFGSM budget; None: 2/255 for images up to 32 px, 1/255 above
+    score_step: float = Field(2 / 255, gt=0)
+    score_steps: int = Field(5, ge=1)
+    sce_alpha: float = Field(0.1, ge=0)  # SCE = alpha CE + beta RCE (Wang et al. 2019's CIFAR-10 values)
+    sce_beta: float = Field(1.0, ge=0)
+    otsu_bins: int = Field(256, ge=2)
+    adv_eps: float = Field(8 / 255, gt=0)  # stage 3, Eq. 1's inner max: PGD, eps 8/255, step 2/255, 10 steps
+    adv_step: float = Field(2 / 255, gt=0)
+    adv_steps: int = Field(10, ge=1)
+    final: dict[str, Any] = {}  # overrides of the final training (paper protocol: 100 epochs, lr 0.1, /10 at 50/75/90)
+    ra_eps: float = Field(8 / 255, gt=0)  # robust accuracy: PGD-10, eps 8/255, step 2/255 (section 6)
+    ra_step: float = Field(2 / 255, gt=0)
+    ra_steps: int = Field(10, ge=1)
+    score_batch: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _overrides(self):
+        for key in ("warmup", "final"):
+            unknown = sorted(set(getattr(self, key)) - set(TrainParams.model_fields))
+            if unknown:
+                raise ValueError(f"unknown key '{unknown[0]}' in aabl.{key}; it takes the keys of train")
+        return self
+
+
 class RunConfig(Strict):
     protocol: Literal["cpu", "paper", "custom"] = "cpu"
     data: str = "sample"
@@ -81,11 +113,21 @@ class RunConfig(Strict):
     train: TrainParams = TrainParams()  # warm-up / no-defense training, and the base of the final training
     final: dict[str, Any] = {}  # overrides of `train` for a defense's final training only, e.g. {"lr": 0.05}
     meca: MecaParams = MecaParams()
+    aabl: AablParams = AablParams()
 
     @model_validator(mode="after")
     def _final(self):
         self.final_params()  # an unknown or bad key fails here, naming it
+        self.aabl_warmup_params(), self.aabl_final_params()
         return self
+
+    def aabl_warmup_params(self) -> TrainParams:
+        """A-ABL stage 1: the protocol's training with `aabl.warmup` (the seed is the run's)."""
+        return final_params(self.train.model_copy(update={"seed": self.seed}), self.aabl.warmup)
+
+    def aabl_final_params(self) -> TrainParams:
+        """A-ABL stage 3 and Adv. Train: the final training with `aabl.final` (the seed is the run's)."""
+        return final_params(self.final_params().model_copy(update={"seed": self.seed}), self.aabl.final)
 
     def final_params(self) -> TrainParams:
         return final_params(self.train, self.final)

@@ -9,6 +9,7 @@ unlearning, symmetric cross-entropy, or LfD's signed weights.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,6 +24,8 @@ from components.config import TrainParams
 # (logits, labels, sample indices) -> per-sample loss, shape (B,)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochCallback = Callable[[int, nn.Module, dict], None]
+# (model, float batch, labels) -> the batch to train on, e.g. PGD adversarial examples (A-ABL Eq. 1's inner max)
+Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -44,6 +47,36 @@ def bounded_ascent(ceiling: float) -> LossFn:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine_threads() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's --cpus or a
+    pod's CPU limit), which torch's default (the host's core count) ignores, oversubscribing small containers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def use_machine_threads() -> None:
+    """Intra-op threads = the cores this process may use (CPU training and scoring are compute-bound)."""
+    if torch.get_num_threads() != machine_threads():
+        torch.set_num_threads(machine_threads())
+
+
+def compiled(model: nn.Module, p: TrainParams) -> nn.Module:
+    """The model under `torch.compile` when `p.compile`, else the model itself.
+
+    Dynamo traces the forward of the model's class and treats parameters and buffers as graph inputs (inlined
+    built-in nn modules, the default since torch 2.5), so every later model of the same architecture, shape and
+    dtype reuses the compiled graph: a pipeline compiles once per architecture (and train/eval mode), not once per
+    training. Switched off on the CPU protocol, where compilation costs more than a 10-epoch run gains.
+    """
+    return torch.compile(model) if p.compile else model
 
 
 def to_float(xb: torch.Tensor) -> torch.Tensor:
@@ -71,10 +104,11 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
 
 
 def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    # fused: one kernel updates every parameter (CPU and CUDA), instead of a few small ops per parameter tensor
     if p.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, fused=True)
     return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov and p.momentum > 0,
-                           weight_decay=p.weight_decay)
+                           weight_decay=p.weight_decay, fused=True)
 
 
 def _schedule(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
@@ -96,6 +130,13 @@ def _autocast(device: torch.device, p: TrainParams):
     return nullcontext()
 
 
+def eval_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on `device` in eval mode, for prediction and scoring (with the machine's threads on a CPU)."""
+    if device.type == "cpu":
+        use_machine_threads()
+    return model.to(device).eval()
+
+
 def prepare(model: nn.Module, p: TrainParams, device: torch.device) -> nn.Module:
     model = model.to(device)
     if p.channels_last:
@@ -104,14 +145,18 @@ def prepare(model: nn.Module, p: TrainParams, device: torch.device) -> nn.Module
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: TrainParams, *,
-          loss_fn: LossFn = cross_entropy, weights: torch.Tensor | None = None,
+          loss_fn: LossFn = cross_entropy, weights: torch.Tensor | None = None, perturb: Perturb | None = None,
           on_epoch: EpochCallback | None = None, desc: str = "train", device: torch.device | None = None) -> list[dict]:
     """Train `model` in place on uint8 `images` (N, H, W, C) with int64 `labels`; return one record per epoch.
 
-    The batch loss is the mean over the batch of `weights[idx] * loss_fn(...)` (weights default to 1).
+    The batch loss is the mean over the batch of `weights[idx] * loss_fn(...)` (weights default to 1). With `perturb`,
+    each augmented batch is replaced by `perturb(model, batch, labels)` before the step (adversarial training).
     """
     device = device or default_device()
+    if device.type == "cpu":
+        use_machine_threads()
     model = prepare(model, p, device)
+    forward = compiled(model, p)
     x_all, y_all = images.to(device), labels.to(device)
     w_all = weights.to(device, torch.float32) if weights is not None else None
     n = len(y_all)
@@ -130,7 +175,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_all[idx]
             with _autocast(device, p):
-                logits = model(xb)
+                if perturb is not None:
+                    xb = perturb(forward, xb, yb)
+                logits = forward(xb)
             per_sample = loss_fn(logits, yb, idx)
             loss = (per_sample * w_all[idx]).mean() if w_all is not None else per_sample.mean()
             opt.zero_grad(set_to_none=True)
@@ -158,7 +205,7 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024, d
             bf16: bool = True) -> torch.Tensor:
     """Logits (N, K) in float32 on the CPU for uint8 `images` (N, H, W, C)."""
     device = device or default_device()
-    model = model.to(device).eval()
+    model = eval_model(model, device)
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     out = []
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()

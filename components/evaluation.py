@@ -12,7 +12,7 @@ from components import artifacts, engine, metrics
 from components.artifacts import ROUNDS_SCHEMA, SAMPLE_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
 
 # Which way each score points: -1 = a low score means poison-like (robust, fitted), +1 = a high score does.
-SCORE_DIRECTION = {"kl": -1, "enhanced_loss": -1}
+SCORE_DIRECTION = {"kl": -1, "enhanced_loss": -1, "sce": -1, "adv_sce": -1}
 
 
 def model_metrics(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, trig_x: torch.Tensor,
@@ -20,6 +20,25 @@ def model_metrics(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, tri
     net, _ = artifacts.load_model(model_dir)
     return {"acc": metrics.accuracy(engine.predict(net, test_x).argmax(1).numpy(), test_y),
             "asr": metrics.attack_success_rate(engine.predict(net, trig_x).argmax(1).numpy(), trig_target)}
+
+
+def robust_accuracy(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, *, eps: float, step: float, steps: int,
+                    batch_size: int = 512, seed: int = 0) -> float:
+    """RA (A-ABL section 6): accuracy on the clean test set under PGD (random start, `steps` steps of `step` inside
+    the L-inf ball of radius `eps`; the paper's PGD-10 at 8/255, 2/255)."""
+    from components import scores
+
+    net, _ = artifacts.load_model(model_dir)
+    device = engine.default_device()
+    net = engine.eval_model(net, device)
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for xb, yb in zip(test_x.split(batch_size), torch.from_numpy(test_y).split(batch_size)):
+        x, y = engine.to_float(xb.to(device)), yb.to(device)
+        adv = scores.ifgsm(net, x, y, eps=eps, step=step, steps=steps, random_start=True, gen=gen)
+        with torch.no_grad():
+            correct += int((net(adv).argmax(1) == y).sum())
+    return correct / len(test_y)
 
 
 def score_metrics(score_table: Path, is_poison: np.ndarray) -> dict:

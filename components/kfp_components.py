@@ -89,6 +89,49 @@ def enhance_meca(dataset: Input[Dataset], model: Input[Model], split: Input[Data
 
 
 @component
+def train_aabl(dataset: Input[Dataset], train: dict, final: dict, aabl: dict, model_name: str, monitor_data: str,
+               stage: str, model: Output[Model], split: Input[Dataset] = None):
+    """A-ABL training: stage 1 (`warmup`: train with aabl.warmup) or stage 3 (`final_train`: PGD adversarial training
+    with final and aabl.final, on the split's clean pool when a split is given)."""
+    from pathlib import Path
+
+    from components import stages
+    from components.config import AablParams, TrainParams, final_params
+
+    data, p = Path(dataset.path), AablParams(**aabl)
+    monitor = stages.Monitor(monitor_data, data / "attack.json") if monitor_data else None
+    params = (final_params(TrainParams(**train), p.warmup) if stage == "warmup"
+              else final_params(final_params(TrainParams(**train), final), p.final))
+    stages.recorded(stage, stages.train, model.path, data / "dataset.npz", params=params, model_name=model_name,
+                    split=Path(split.path) / "split.parquet" if split else None, monitor=monitor,
+                    adversarial=p if stage == "final_train" else None)
+
+
+@component
+def score_adv_sce(dataset: Input[Dataset], model: Input[Model], aabl: dict, scores: Output[Dataset]):
+    """A-ABL stage 2: SCE of each sample's iFGSM adversarial example (and its natural SCE)."""
+    from pathlib import Path
+
+    from components import stages
+    from components.config import AablParams
+
+    stages.recorded("score", stages.score_adv_sce, scores.path, Path(dataset.path) / "dataset.npz", model.path,
+                    params=AablParams(**aabl))
+
+
+@component
+def partition_otsu(scores: Input[Dataset], aabl: dict, split: Output[Dataset]):
+    """A-ABL stage 2: Otsu's threshold on the adversarial SCE; the vulnerable part is kept."""
+    from pathlib import Path
+
+    from components import stages
+    from components.config import AablParams
+
+    stages.recorded("partition", stages.partition_otsu, split.path, Path(scores.path) / "scores.parquet",
+                    params=AablParams(**aabl))
+
+
+@component
 def identify_clean(dataset: Input[Dataset], enhanced: Input[Model], split: Output[Dataset]):
     """MeCa: clean = misclassified by the enhanced model."""
     from pathlib import Path
@@ -121,19 +164,20 @@ def evaluate(data: str, defense: str, protocol: str, model_name: str, poison: In
              truth: Input[Dataset], metrics: Output[Metrics], report: Output[Markdown],
              train: Input[Model] = None, warmup: Input[Model] = None, score: Input[Dataset] = None,
              partition: Input[Dataset] = None, enhance: Input[Model] = None, identify: Input[Dataset] = None,
-             final_train: Input[Model] = None, relabel_finetune: Input[Model] = None):
-    """ACC, ASR, DER, detection and the report; the only component that reads the ground truth."""
+             final_train: Input[Model] = None, relabel_finetune: Input[Model] = None, aabl: dict = {}):
+    """ACC, ASR, DER, detection (and RA for A-ABL) and the report; the only component that reads the ground truth."""
     import shutil
     from pathlib import Path
 
     from components import stages
+    from components.config import AablParams
 
     given = {"poison": poison, "truth": truth, "train": train, "warmup": warmup, "score": score,
              "partition": partition, "enhance": enhance, "identify": identify, "final_train": final_train,
              "relabel_finetune": relabel_finetune}
     record = stages.recorded("evaluate", stages.evaluate_defense, metrics.path, data=data, defense=defense,
                              dirs={k: a.path for k, a in given.items() if a is not None},
-                             info={"protocol": protocol, "model": model_name})
+                             info={"protocol": protocol, "model": model_name}, pgd=AablParams(**aabl))
     shutil.copy(Path(metrics.path) / "report.md", report.path)
     for key, value in record["result"].items():
         metrics.log_metric(key, value)
@@ -141,7 +185,8 @@ def evaluate(data: str, defense: str, protocol: str, model_name: str, poison: In
 
 @component
 def track(run_id: str, defense: str, protocol: str, data: str, train_limit: int, model_name: str, seed: int,
-          attack: dict, train_params: dict, final: dict, meca: dict, poison: Input[Dataset], evaluate: Input[Metrics],
+          attack: dict, train_params: dict, final: dict, meca: dict, aabl: dict, poison: Input[Dataset],
+          evaluate: Input[Metrics],
           train: Input[Model] = None, warmup: Input[Model] = None, score: Input[Dataset] = None,
           partition: Input[Dataset] = None, enhance: Input[Model] = None, identify: Input[Dataset] = None,
           final_train: Input[Model] = None, relabel_finetune: Input[Model] = None) -> str:
@@ -154,7 +199,7 @@ def track(run_id: str, defense: str, protocol: str, data: str, train_limit: int,
              "enhance": enhance, "identify": identify, "final_train": final_train,
              "relabel_finetune": relabel_finetune, "evaluate": evaluate}
     config = {"protocol": protocol, "data": data, "train_limit": train_limit or None, "model": model_name,
-              "seed": seed, "attack": attack, "train": train_params, "final": final, "meca": meca}
+              "seed": seed, "attack": attack, "train": train_params, "final": final, "meca": meca, "aabl": aabl}
     return tracking.record_pipeline_run(run_id, defense, config,
                                         {k: (a.path, a.uri) for k, a in given.items() if a is not None},
                                         tags={"unpoison.kfp_run_id": run_id})

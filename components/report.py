@@ -51,15 +51,20 @@ def markdown(m: dict, plots: list[str]) -> str:
              f"Protocol `{m['protocol']}`, model `{m['model']}`, poison rate {attack['rate']}, "
              f"target class {attack['target']}, {m['train_samples']} training samples "
              f"({m['poison_samples']} poisoned), {m['test_samples']} test images.", "",
-             "## Models", "", "| model | ACC | ASR | DER |", "| --- | --- | --- | --- |"]
+             "## Models", ""]
+    robust = any("ra" in r for r in m["models"].values())  # RA: robust accuracy under PGD (A-ABL)
+    lines += ["| model | ACC | ASR | DER |" + (" RA |" if robust else ""), "| --- | --- | --- | --- |" + (" --- |" if robust else "")]
     for name, r in m["models"].items():
-        lines.append(f"| {name} | {r['acc']:.4f} | {r['asr']:.4f} | {_fmt(r.get('der', '-'))} |")
+        lines.append(f"| {name} | {r['acc']:.4f} | {r['asr']:.4f} | {_fmt(r.get('der', '-'))} |"
+                     + (f" {_fmt(r.get('ra', '-'))} |" if robust else ""))
     if m.get("splits"):
         lines += ["", "## Splits against ground truth", "",
-                  "| split | TPR | FPR | precision | clean pool size | poison in clean pool |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| split | TPR | FPR | precision | clean pool size | clean pool share (gamma) | poison in clean pool | "
+                  "poison rate of clean pool (rho) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, s in m["splits"].items():
-            d, c = s["detection"], s.get("clean", {"size": 0, "poison": 0})
-            lines.append(f"| {name} | {_fmt(d['tpr'])} | {_fmt(d['fpr'])} | {_fmt(d['precision'])} | {c['size']} | {c['poison']} |")
+            d, c = s["detection"], s.get("clean", {"size": 0, "poison": 0, "share": 0.0, "poison_rate": float("nan")})
+            lines.append(f"| {name} | {_fmt(d['tpr'])} | {_fmt(d['fpr'])} | {_fmt(d['precision'])} | {c['size']} | "
+                         f"{_fmt(c['share'])} | {c['poison']} | {_fmt(c['poison_rate'])} |")
     if m.get("scores"):
         lines += ["", "## Scores", "", "| score | AUROC (poison-like side) | clean mean | poison mean |",
                   "| --- | --- | --- | --- |"]

@@ -18,9 +18,9 @@ import torch
 from components import artifacts, engine, metrics, scores
 from components.artifacts import ROUNDS_SCHEMA, SAMPLE_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
 from components.attacks import attack_from_spec, build_attack
-from components.config import AttackParams, MecaParams, TrainParams
+from components.config import AablParams, AttackParams, MecaParams, TrainParams
 from components.data import ImageSet, load_images, save_npz
-from components.defenses import meca
+from components.defenses import aabl, meca
 from components.errors import UnpoisonError
 from components.models import build_model
 
@@ -103,9 +103,11 @@ class Monitor:
 
 
 def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, split: Path | None = None,
-          init: Path | None = None, relabel: bool = False, monitor: Monitor | None = None, desc: str = "train") -> dict:
+          init: Path | None = None, relabel: bool = False, monitor: Monitor | None = None, desc: str = "train",
+          adversarial: AablParams | None = None) -> dict:
     """Train a model on the data set, or on its `clean` pool when `split` is given (with the split's relabels when
-    `relabel`), from scratch or from the model in `init`. Writes out/model.safetensors, model.json, history.json."""
+    `relabel`), from scratch or from the model in `init`; with `adversarial`, PGD adversarial training (A-ABL stage 3,
+    Eq. 1) with its eps, step and steps. Writes out/model.safetensors, model.json, history.json."""
     ds = load_dataset(dataset)
     x, y = _tensors(ds)
     if split is not None:
@@ -126,11 +128,14 @@ def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, spl
             raise UnpoisonError(f"model '{init}' was trained on another data set; fine-tune with a model of this run")
     else:
         model = build_model(model_name, ds.num_classes)
-    history = engine.train(model, x, y, params, on_epoch=monitor, desc=desc)
+    perturb = aabl.pgd(adversarial, params.seed) if adversarial is not None else None
+    history = engine.train(model, x, y, params, perturb=perturb, on_epoch=monitor, desc=desc)
     out = Path(out)
     artifacts.write_json(history, out / "history.json")
     init_ref = _model_ref(init) if init is not None else None
-    artifacts.save_model(model, _model_meta(model_name, ds, params, history, trained_on=len(y), init=init_ref), out)
+    adv = {"eps": adversarial.adv_eps, "step": adversarial.adv_step, "steps": adversarial.adv_steps} if adversarial else None
+    artifacts.save_model(model, _model_meta(model_name, ds, params, history, trained_on=len(y), init=init_ref,
+                                            adversarial=adv), out)
     return {"samples": len(y), "samples_per_second": len(y) * len(history) / max(1e-9, sum(h["seconds"] for h in history)),
             **({"train_acc": history[-1]["train_acc"], "train_loss": history[-1]["loss"]} if history else {})}
 
@@ -160,6 +165,30 @@ def partition_meca(score_table: Path, out: Path, *, params: MecaParams) -> dict:
     kept = meca.partition(kl, 0, params.gamma)
     _write_split(~kept, Path(out) / "split.parquet")
     return {"samples": len(kl), "clean": int((~kept).sum()), "suspect": int(kept.sum())}
+
+
+def score_adv_sce(dataset: Path, model: Path, out: Path, *, params: AablParams) -> dict:
+    """A-ABL stage 2 (section 5.2): out/scores.parquet with `adv_sce` (SCE of the iFGSM adversarial example) and
+    `sce` (the natural SCE, for the report's natural vs adversarial histograms, Figs. 4 and 9)."""
+    ds = load_dataset(dataset)
+    net, meta = artifacts.load_model(model)
+    t0 = time.perf_counter()
+    natural, adversarial = aabl.score(net, *_tensors(ds), params)
+    seconds = time.perf_counter() - t0
+    artifacts.write_table({"sample_id": np.arange(len(ds)), "adv_sce": adversarial, "sce": natural,
+                           "model_ref": [_model_ref(model)] * len(ds), "epoch": np.full(len(ds), meta["epochs"])},
+                          Path(out) / "scores.parquet", SCORE_SCHEMA)
+    return {"samples": len(ds), "samples_per_second": len(ds) / seconds}
+
+
+def partition_otsu(score_table: Path, out: Path, *, params: AablParams) -> dict:
+    """A-ABL section 5.2: Otsu's threshold on `adv_sce`; the vulnerable part above it is the clean pool (D_vul), the
+    robust part is suspect (isolated). Returns the threshold and gamma = |D_vul| / |D| (Table 1)."""
+    adv = artifacts.read_table(score_table, {**SCORE_SCHEMA, "adv_sce": pa.float64()})["adv_sce"]
+    vulnerable, threshold = aabl.partition(adv, params)
+    _write_split(vulnerable, Path(out) / "split.parquet")
+    return {"samples": len(adv), "clean": int(vulnerable.sum()), "suspect": int((~vulnerable).sum()),
+            "threshold": threshold, "gamma": float(vulnerable.mean())}
 
 
 # --- backdoor enhancement and identification --------------------------------------------------------------------
@@ -230,10 +259,12 @@ def relabel_finetune(dataset: Path, split: Path, model: Path, out: Path, *, para
 
 def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: dict[str, Path], defended: str,
              reference: str | None = None, score_tables: tuple[Path, ...] = (), splits: dict[str, Path] | None = None,
-             detection_split: str | None = None, rounds: Path | None = None, info: dict | None = None) -> dict:
+             detection_split: str | None = None, rounds: Path | None = None, info: dict | None = None,
+             robust: tuple[str, ...] = (), pgd: AablParams | None = None) -> dict:
     """ACC/ASR of every model on the whole test set, DER of each against `reference` (the no-defense model),
     detection quality of every score and split. Writes out/metrics.json, out/report.md and out/plots/*.png.
-    The headline `acc`, `asr`, `der` are those of the model named `defended`, `detection_*` of `detection_split`."""
+    The headline `acc`, `asr`, `der` are those of the model named `defended`, `detection_*` of `detection_split`;
+    the models named in `robust` also get RA, robust accuracy under `pgd`'s ra_eps, ra_step, ra_steps."""
     from components import evaluation, report
 
     out = Path(out)
@@ -245,6 +276,10 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
     m = {**(info or {}), "attack": atk.spec(), "train_samples": len(table["sample_id"]),
          "poison_samples": int(table["is_poison"].sum()), "test_samples": len(test),
          "models": {name: evaluation.model_metrics(d, x, test.labels, trig_x, target) for name, d in models.items()}}
+    for name in robust:
+        p = pgd or AablParams()
+        m["models"][name]["ra"] = evaluation.robust_accuracy(models[name], x, test.labels, eps=p.ra_eps,
+                                                             step=p.ra_step, steps=p.ra_steps)
     if reference is not None:
         ref = m["models"][reference]
         m["nodef_acc"], m["nodef_asr"] = ref["acc"], ref["asr"]
@@ -270,7 +305,7 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
         report.curves(histories, out / "plots" / "curves.png")
         plots.append("plots/curves.png")
     head = m["models"][defended]
-    m.update({"acc": head["acc"], "asr": head["asr"], "der": head.get("der")})
+    m.update({"acc": head["acc"], "asr": head["asr"], "der": head.get("der"), **({"ra": head["ra"]} if "ra" in head else {})})
     if detection_split is not None:
         last = m["splits"][detection_split]["detection"]
         m.update({"detection_tpr": last["tpr"], "detection_fpr": last["fpr"], "detection_precision": last["precision"]})
@@ -280,7 +315,8 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
     return {"acc": m["acc"], "asr": m["asr"], **({"der": m["der"]} if m["der"] is not None else {})}
 
 
-def evaluate_defense(out: Path, *, data: str, defense: str, dirs: dict[str, Path], info: dict | None = None) -> dict:
+def evaluate_defense(out: Path, *, data: str, defense: str, dirs: dict[str, Path], info: dict | None = None,
+                     pgd: AablParams | None = None) -> dict:
     """`evaluate` wired to a defense's stage output folders (`dirs`: stage -> folder; `truth` defaults to the poison
     stage's folder). The one place that knows which folder holds which model, score and split."""
     d = {k: Path(v) for k, v in dirs.items()}
@@ -296,4 +332,12 @@ def evaluate_defense(out: Path, *, data: str, defense: str, dirs: dict[str, Path
                         splits={"round0": d["partition"] / "split.parquet", "identify": d["identify"] / "split.parquet",
                                 "relabel": d["relabel_finetune"] / "split.parquet"},
                         detection_split="identify", rounds=d["enhance"] / "rounds.parquet", **common)
+    if defense == "a-abl":
+        return evaluate(out, models={"nodef": d["warmup"], "clean": d["final_train"]}, defended="clean",
+                        reference="nodef", score_tables=(d["score"] / "scores.parquet",),
+                        splits={"otsu": d["partition"] / "split.parquet"}, detection_split="otsu",
+                        robust=("nodef", "clean"), pgd=pgd, **common)
+    if defense == "adv-train":
+        return evaluate(out, models={"nodef": d["warmup"], "adv_train": d["final_train"]}, defended="adv_train",
+                        reference="nodef", robust=("nodef", "adv_train"), pgd=pgd, **common)
     raise UnpoisonError(f"no evaluation layout for defense '{defense}'; add one to stages.evaluate_defense")

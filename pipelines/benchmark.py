@@ -2,8 +2,9 @@
 (a list of records) with a Markdown table beside it.
 
 MeCa's warm-up stage *is* the no-defense training (same stage function, parameters, seed and poisoned data; a test
-checks that both give the same model), so when a matrix holds both `none` and `meca`, the `none` record of an
-attack is read from the MeCa run's warm-up model instead of training the same model twice.
+checks that both give the same model), and so is A-ABL's when the protocol gives its stage 1 no overrides (the CPU
+protocol), so when a matrix holds `none` and such a defense, the `none` record of an attack is read from that run's
+warm-up model instead of training the same model twice.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from pipelines import local
 
 KEYS = ("defense", "attack", "protocol", "acc", "asr", "der", "detection_tpr", "detection_fpr", "wall_seconds",
         "machine")
+
+
+def warmup_is_nodef(defense: str, cfg) -> bool:
+    """Whether the defense's warm-up stage trains exactly the no-defense model."""
+    return defense == "meca" or (defense == "a-abl" and not cfg.aabl.warmup)
 
 
 def machine() -> str:
@@ -47,9 +53,10 @@ def records_from_run(m: dict, run: str, include_none: bool) -> list[dict]:
         stages = m["stages"]
         train_stage = stages.get("train") or stages["warmup"]
         out.append({**base, "defense": "none", "acc": ref["acc"], "asr": ref["asr"], "der": None,
+                    **({"ra": ref["ra"]} if "ra" in ref else {}),
                     "detection_tpr": None, "detection_fpr": None,
                     "wall_seconds": stages["poison"]["seconds"] + train_stage["seconds"],
-                    **({"source": "warm-up stage of the meca run"} if m["defense"] != "none" else {})})
+                    **({"source": f"warm-up stage of the {m['defense']} run"} if m["defense"] != "none" else {})})
     if m["defense"] != "none":
         relabelled = m["models"].get("relabelled", {})
         out.append({**base, "defense": m["defense"], "acc": m["acc"], "asr": m["asr"], "der": m["der"],
@@ -57,7 +64,18 @@ def records_from_run(m: dict, run: str, include_none: bool) -> list[dict]:
                     "detection_precision": m.get("detection_precision"), "wall_seconds": m["wall_seconds"],
                     "nodef_acc": m.get("nodef_acc"), "nodef_asr": m.get("nodef_asr"),
                     "acc_relabel": relabelled.get("acc"), "asr_relabel": relabelled.get("asr"),
-                    "der_relabel": relabelled.get("der")})
+                    "der_relabel": relabelled.get("der"), **robust_keys(m)})
+    return out
+
+
+def robust_keys(m: dict) -> dict:
+    """A-ABL's extra figures: RA of the defended and the no-defense model, gamma and rho_vul of the Otsu split."""
+    out = {}
+    if "ra" in m:
+        out.update(ra=m["ra"], nodef_ra=m["models"]["nodef"].get("ra"))
+    if "otsu" in m.get("splits", {}):
+        kept = m["splits"]["otsu"]["clean"]
+        out.update(gamma=kept["share"], rho_vul=kept["poison_rate"])
     return out
 
 
@@ -74,12 +92,13 @@ def table(records: list[dict]) -> str:
     def f(v):
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
-    lines = ["| attack | defense | ACC | ASR | DER | TPR | FPR | ACC relabel | ASR relabel | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| attack | defense | ACC | ASR | DER | RA | TPR | FPR | ACC relabel | ASR relabel | gamma | rho_vul | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         lines.append(f"| {r['attack']} | {r['defense']} | {f(r['acc'])} | {f(r['asr'])} | {f(r['der'])} | "
-                     f"{f(r['detection_tpr'])} | {f(r['detection_fpr'])} | {f(r.get('acc_relabel'))} | "
-                     f"{f(r.get('asr_relabel'))} | {r['wall_seconds']:.0f} |")
+                     f"{f(r.get('ra'))} | {f(r['detection_tpr'])} | {f(r['detection_fpr'])} | "
+                     f"{f(r.get('acc_relabel'))} | {f(r.get('asr_relabel'))} | {f(r.get('gamma'))} | "
+                     f"{f(r.get('rho_vul'))} | {r['wall_seconds']:.0f} |")
     machines = sorted({r["machine"] for r in records})
     return "\n".join(lines) + "\n\nMachine: " + "; ".join(machines) + "\n"
 
@@ -98,12 +117,13 @@ def main(args) -> None:
     uri = tracking.default_uri(args.runs)
     for attack in attacks:
         cfg = load_config(args.protocol, _overrides(args.set, **{"attack.name": attack, "data": args.data}), args.config)
-        runs = [d for d in defenses if not (d == "none" and "meca" in defenses)]
+        sharer = next((d for d in defenses if warmup_is_nodef(d, cfg)), None) if "none" in defenses else None
+        runs = [d for d in defenses if not (d == "none" and sharer)]
         for defense in runs:
             run_dir = local.run(defense, cfg, args.runs, mlflow_uri=uri,
                                 name=f"{defense}-{attack}-{args.protocol}-{date.today():%Y%m%d}-{os.getpid()}")
             m = artifacts.read_json(run_dir / "metrics.json")
-            new = records_from_run(m, run_dir.name, include_none="none" in defenses and defense == "meca")
+            new = records_from_run(m, run_dir.name, include_none=defense == sharer)
             records = merge(path, new)
             artifacts.write_json(records, path)
             with artifacts.atomic_path(path.with_suffix(".md")) as tmp:

@@ -31,14 +31,20 @@ def _config(args):
 
 
 def summary_table(m: dict) -> str:
-    rows = [("no defense", m.get("nodef_acc", m["acc"]), m.get("nodef_asr", m["asr"]), None)]
+    models = m["models"]
+    rows = [("no defense", models["nodef"])]
     if m["defense"] != "none":
-        rows.append((m["defense"], m["acc"], m["asr"], m.get("der")))
-        if "relabelled" in m["models"]:
-            r = m["models"]["relabelled"]
-            rows.append((f"{m['defense']} + relabel", r["acc"], r["asr"], r.get("der")))
-    lines = [f"{'model':<18} {'ACC':>7} {'ASR':>7} {'DER':>7}"]
-    lines += [f"{name:<18} {acc:7.4f} {asr:7.4f} {'' if der is None else f'{der:7.4f}':>7}" for name, acc, asr, der in rows]
+        rows.append((m["defense"], {"acc": m["acc"], "asr": m["asr"], "der": m.get("der"), "ra": m.get("ra")}))
+        if "relabelled" in models:
+            rows.append((f"{m['defense']} + relabel", models["relabelled"]))
+    robust = any(r.get("ra") is not None for _, r in rows)
+
+    def cell(v):
+        return f"{'' if v is None else f'{v:7.4f}':>7}"
+
+    lines = [f"{'model':<18} {'ACC':>7} {'ASR':>7} {'DER':>7}" + (f" {'RA':>7}" if robust else "")]
+    lines += [f"{name:<18} {r['acc']:7.4f} {r['asr']:7.4f} {cell(r.get('der'))}" + (f" {cell(r.get('ra'))}" if robust else "")
+              for name, r in rows]
     if m.get("detection_tpr") is not None:
         lines.append(f"detection: TPR {m['detection_tpr']:.4f}  FPR {m['detection_fpr']:.4f}  "
                      f"precision {m['detection_precision']:.4f}")
@@ -84,10 +90,11 @@ def cmd_submit(args) -> None:
     import kfp
 
     from pipelines import kfp_pipelines as kp
+    from pipelines import local
     from pipelines.local import validate
 
-    if args.defense not in ("none", "meca"):
-        raise UnpoisonError(f"unknown defense '{args.defense}'; choose one of: none, meca")
+    if args.defense not in local.DEFENSES:
+        raise UnpoisonError(f"unknown defense '{args.defense}'; choose one of: {', '.join(local.DEFENSES)}")
     cfg = _config(args)
     if args.validate_data:
         validate(args.defense, cfg)
@@ -143,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
                         help="override a setting, e.g. --set train.epochs=3 meca.gamma=0.05")
 
     r = sub.add_parser("run", help="run a defense pipeline locally")
-    r.add_argument("defense", help="none or meca")
+    r.add_argument("defense", help="none, meca, a-abl or adv-train")
     r.add_argument("--attack", help="badnets, blend, sig or wanet (default: the protocol's)")
     r.add_argument("--data", help="'sample', a folder of Parquet shards, a cifar-10-batches-py folder, "
                                   "an image folder or an .npz file")
@@ -162,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_compile)
 
     sb = sub.add_parser("submit", help="submit a defense pipeline to a KFP cluster")
-    sb.add_argument("defense", help="none or meca")
+    sb.add_argument("defense", help="none, meca, a-abl or adv-train")
     sb.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     sb.add_argument("--experiment", default="unpoison")
     sb.add_argument("--name", help="run name")

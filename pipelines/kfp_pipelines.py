@@ -1,7 +1,7 @@
 """The defenses as KFP pipelines, their compilation, and their local execution under kfp.local.
 
 Pipeline parameters are the CLI's configuration (`RunConfig`): `data`, `protocol`, `train_limit`, `model`, `seed`,
-`attack`, `train` and `meca` (the last three as dicts). Every training and scoring task asks for a GPU node
+`attack`, `train`, `final`, `meca` and `aabl` (the last five as dicts). Every training and scoring task asks for a GPU node
 (`on_gpu`); every task reads the S3 and MLflow credentials from Kubernetes Secrets as environment variables.
 """
 
@@ -73,7 +73,8 @@ def _track(defense: str, params: dict, stage_outputs: dict):
 @dsl.pipeline(name="unpoison-none", description="No defense: plain training on the poisoned set (DER's reference).")
 def none_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
                   model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
-                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"]) -> dsl.Metrics:
+                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
+                  aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
     poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
     trained = on_gpu(c.train(dataset=poisoned.outputs["poisoned"], params=train, overrides={}, model_name=model,
                              monitor_data=data, stage="train"))
@@ -81,7 +82,7 @@ def none_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_lim
                                   poison=poisoned.outputs["poisoned"], truth=poisoned.outputs["truth"],
                                   train=trained.outputs["model"]))
     _track("none", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
-                        train=train, final=final, meca=meca),
+                        train=train, final=final, meca=meca, aabl=aabl),
            {"poison": poisoned.outputs["poisoned"], "train": trained.outputs["model"],
             "evaluate": evaluated.outputs["metrics"]})
     return evaluated.outputs["metrics"]
@@ -91,7 +92,8 @@ def none_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_lim
                                                  "enhancement, clean training, relabel and fine-tune.")
 def meca_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
                   model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
-                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"]) -> dsl.Metrics:
+                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
+                  aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
     poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
     dataset = poisoned.outputs["poisoned"]
     warm = on_gpu(c.train(dataset=dataset, params=train, overrides={}, model_name=model, monitor_data=data, stage="warmup"))
@@ -111,7 +113,50 @@ def meca_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_lim
     evaluated = on_gpu(c.evaluate(data=data, defense="meca", protocol=protocol, model_name=model, poison=dataset,
                                   truth=poisoned.outputs["truth"], **stage_outputs))
     _track("meca", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
-                        train=train, final=final, meca=meca),
+                        train=train, final=final, meca=meca, aabl=aabl),
+           {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
+    return evaluated.outputs["metrics"]
+
+
+@dsl.pipeline(name="unpoison-a-abl", description="A-ABL (paper 001): naive training, iFGSM + SCE scoring, Otsu split, "
+                                                  "PGD adversarial training on the vulnerable part.")
+def aabl_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
+                  model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
+                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
+                  aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
+    poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
+    dataset = poisoned.outputs["poisoned"]
+    common = dict(dataset=dataset, train=train, final=final, aabl=aabl, model_name=model, monitor_data=data)
+    warm = on_gpu(c.train_aabl(stage="warmup", **common))
+    scored = on_gpu(c.score_adv_sce(dataset=dataset, model=warm.outputs["model"], aabl=aabl))
+    part = on_cpu(c.partition_otsu(scores=scored.outputs["scores"], aabl=aabl))
+    robust = on_gpu(c.train_aabl(stage="final_train", split=part.outputs["split"], **common))
+    stage_outputs = {"warmup": warm.outputs["model"], "score": scored.outputs["scores"],
+                     "partition": part.outputs["split"], "final_train": robust.outputs["model"]}
+    evaluated = on_gpu(c.evaluate(data=data, defense="a-abl", protocol=protocol, model_name=model, poison=dataset,
+                                  truth=poisoned.outputs["truth"], aabl=aabl, **stage_outputs))
+    _track("a-abl", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
+                         train=train, final=final, meca=meca, aabl=aabl),
+           {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
+    return evaluated.outputs["metrics"]
+
+
+@dsl.pipeline(name="unpoison-adv-train", description="A-ABL's Adv. Train baseline: PGD adversarial training on the "
+                                                      "whole poisoned set, beside naive training.")
+def adv_train_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
+                       model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
+                       train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
+                       aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
+    poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
+    dataset = poisoned.outputs["poisoned"]
+    common = dict(dataset=dataset, train=train, final=final, aabl=aabl, model_name=model, monitor_data=data)
+    warm = on_gpu(c.train_aabl(stage="warmup", **common))
+    robust = on_gpu(c.train_aabl(stage="final_train", **common))
+    stage_outputs = {"warmup": warm.outputs["model"], "final_train": robust.outputs["model"]}
+    evaluated = on_gpu(c.evaluate(data=data, defense="adv-train", protocol=protocol, model_name=model, poison=dataset,
+                                  truth=poisoned.outputs["truth"], aabl=aabl, **stage_outputs))
+    _track("adv-train", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed,
+                             attack=attack, train=train, final=final, meca=meca, aabl=aabl),
            {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
     return evaluated.outputs["metrics"]
 
@@ -127,7 +172,8 @@ def rerun_final_train(dataset_uri: str, split_uri: str, train: dict = DEFAULTS["
     return task.outputs["model"]
 
 
-PIPELINES = {"none": none_pipeline, "meca": meca_pipeline, "rerun-final_train": rerun_final_train}
+PIPELINES = {"none": none_pipeline, "meca": meca_pipeline, "a-abl": aabl_pipeline, "adv-train": adv_train_pipeline,
+             "rerun-final_train": rerun_final_train}
 # Which stage of an earlier run feeds each importer of a rerun pipeline.
 RERUN_INPUTS = {"final_train": {"dataset_uri": "poison", "split_uri": "identify"}}
 
@@ -137,7 +183,7 @@ def arguments(cfg: RunConfig) -> dict:
     return without_none({"data": cfg.data, "protocol": cfg.protocol, "train_limit": cfg.train_limit or 0,
                      "model": cfg.model, "seed": cfg.seed, "attack": cfg.attack.model_dump(),
                      "train": cfg.train.model_copy(update={"seed": cfg.seed}).model_dump(), "final": cfg.final,
-                     "meca": cfg.meca.model_dump()})
+                     "meca": cfg.meca.model_dump(), "aabl": cfg.aabl.model_dump()})
 
 
 def compile_all(folder: Path = COMPILED) -> list[Path]:

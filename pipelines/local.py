@@ -19,7 +19,7 @@ from components.defenses import meca
 from components.errors import UnpoisonError
 from components.models import MODELS
 
-DEFENSES = ("none", "meca")
+DEFENSES = ("none", "meca", "a-abl", "adv-train")
 
 
 class Stages:
@@ -111,4 +111,33 @@ def pipeline_meca(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
              "identify": ident, "final_train": clean, "relabel_finetune": relabelled})
 
 
-PIPELINES = {"none": pipeline_none, "meca": pipeline_meca}
+def pipeline_aabl(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
+    """A-ABL: naive training (stage 1, also the no-defense reference), iFGSM + SCE scoring and Otsu split (stage 2),
+    PGD adversarial training from scratch on the vulnerable part (stage 3), evaluation with robust accuracy."""
+    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
+    data = poisoned / "dataset.npz"
+    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
+    warm = st("warmup", stages.train, data, params=cfg.aabl_warmup_params(), model_name=cfg.model, monitor=monitor,
+              desc="warm-up")
+    scored = st("score", stages.score_adv_sce, data, warm, params=cfg.aabl)
+    part = st("partition", stages.partition_otsu, scored / "scores.parquet", params=cfg.aabl)
+    robust = st("final_train", stages.train, data, params=cfg.aabl_final_params(), model_name=cfg.model,
+                split=part / "split.parquet", adversarial=cfg.aabl, monitor=monitor, desc="adversarial training")
+    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="a-abl", info=_info("a-abl", cfg, st), pgd=cfg.aabl,
+       dirs={"poison": poisoned, "warmup": warm, "score": scored, "partition": part, "final_train": robust})
+
+
+def pipeline_adv_train(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
+    """A-ABL's "Adv. Train" baseline: PGD adversarial training on the whole poisoned set, beside the naive model."""
+    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
+    data = poisoned / "dataset.npz"
+    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
+    warm = st("warmup", stages.train, data, params=cfg.aabl_warmup_params(), model_name=cfg.model, monitor=monitor,
+              desc="naive training")
+    robust = st("final_train", stages.train, data, params=cfg.aabl_final_params(), model_name=cfg.model,
+                adversarial=cfg.aabl, monitor=monitor, desc="adversarial training")
+    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="adv-train", info=_info("adv-train", cfg, st),
+       pgd=cfg.aabl, dirs={"poison": poisoned, "warmup": warm, "final_train": robust})
+
+
+PIPELINES = {"none": pipeline_none, "meca": pipeline_meca, "a-abl": pipeline_aabl, "adv-train": pipeline_adv_train}

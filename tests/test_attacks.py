@@ -75,6 +75,29 @@ def test_blend_pattern_path(tmp_path):
         make("blend", pattern_path=str(tmp_path / "missing.png")).apply(torch.zeros(1, C, H, W))
 
 
+def test_trojan_square_is_an_opaque_fixed_pattern_bottom_right():
+    x = batch()
+    attack = make("trojan")
+    y = attack.apply(x)
+    patch = y[:, :, -8:, -8:]
+    assert torch.equal(patch, patch[:1].expand_as(patch))  # the same patch on every image, whatever the image
+    assert patch.std() > 0.2  # a coloured pattern, not a flat square
+    mask = torch.ones(H, W, dtype=torch.bool)
+    mask[-8:, -8:] = False
+    assert torch.equal(y[:, :, mask], x[:, :, mask])
+    assert torch.equal(make("trojan", seed=9).apply(x), y)  # the poison seed does not move the pattern
+    assert not torch.equal(make("trojan", pattern_seed=1).apply(x), y)
+
+
+def test_trojan_watermark_tiles_the_patch_over_the_image():
+    x = batch()
+    attack = make("trojan", variant="watermark", alpha=0.3)
+    p, w = attack.pattern(C, H, W)
+    assert torch.equal(p[:, :8, :8], p[:, 8:16, 24:32])  # tiled with period 8
+    assert torch.equal(p[:, -8:, -8:], make("trojan").pattern(C, H, W)[0][:, -8:, -8:])  # the square's patch
+    torch.testing.assert_close(attack.apply(x), 0.7 * x + 0.3 * p)
+
+
 def test_sig_signal_on_constant_image():
     x = torch.full((2, C, H, W), 0.5)
     y = make("sig").apply(x)
@@ -218,7 +241,7 @@ def test_bad_rate_and_target(kwargs, message):
 
 
 def test_unknown_attack_lists_choices():
-    with pytest.raises(UnpoisonError, match=r"unknown attack 'badnet'; choose one of: badnets, blend, sig, wanet"):
+    with pytest.raises(UnpoisonError, match=r"unknown attack 'badnet'; choose one of: badnets, blend, sig, trojan, wanet"):
         make("badnet")
 
 
@@ -240,6 +263,10 @@ def test_bad_params_and_sizes(ds):
         make("sig", delta=-0.1)
     with pytest.raises(UnpoisonError, match="wanet k 1"):
         make("wanet", k=1)
+    with pytest.raises(UnpoisonError, match="trojan variant 'logo' is unknown"):
+        make("trojan", variant="logo")
+    with pytest.raises(UnpoisonError, match="trojan patch size 8 exceeds the 4x4 images"):
+        make("trojan").apply(torch.zeros(1, C, 4, 4))
     with pytest.raises(UnpoisonError, match="attack spec lacks seed"):
         attack_from_spec({"name": "badnets", "target": 0, "rate": 0.1, "num_classes": 10})
     with pytest.raises(UnpoisonError, match="selects 0 of 200 samples"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -161,6 +162,49 @@ def test_train_loss_matches_plain_forward_of_the_same_batch():
     assert convs and all(q.is_contiguous(memory_format=torch.channels_last) for q in convs)  # the fast path ran
     # and the step changed the weights (the loop trains in place)
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+class TinyBNNet(nn.Module):
+    def __init__(self, k=2):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, k)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_compile_on_and_off_train_to_the_same_model():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 8, 8, 3), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 2, (64,), generator=g)
+    torch.manual_seed(0)
+    eager, comp = TinyBNNet(), TinyBNNet()
+    comp.load_state_dict(eager.state_dict())
+    h_eager = train(eager, x, y, params(epochs=2, augment="flip", compile=False), device=CPU)
+    h_comp = train(comp, x, y, params(epochs=2, augment="flip", compile=True), device=CPU)
+    assert counters["stats"]["unique_graphs"] == 1  # the compiled path really ran
+    assert [h["loss"] for h in h_comp] == pytest.approx([h["loss"] for h in h_eager], abs=1e-5)
+    for a, b in zip(eager.state_dict().values(), comp.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(comp.eval())(to_float(x)), eager.eval()(to_float(x)),
+                                   rtol=1e-4, atol=1e-5)
+    # a second model of the same architecture reuses the compiled graph: once per architecture, not per training
+    graphs = counters["stats"]["unique_graphs"]
+    train(TinyBNNet(), x, y, params(epochs=1, compile=True), device=CPU)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_machine_threads_is_within_the_cores_of_the_machine():
+    from components.engine import machine_threads, use_machine_threads
+
+    assert 1 <= machine_threads() <= (os.cpu_count() or 1)
+    use_machine_threads()
+    assert torch.get_num_threads() == machine_threads()
 
 
 # ---------------------------------------------------------------------------------------------- loss functions

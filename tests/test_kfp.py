@@ -15,7 +15,8 @@ from pipelines import kfp_pipelines as kp
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_TASKS = {"train", "train-2", "score-kl", "enhance-meca", "identify-clean", "relabel-finetune", "evaluate"}
+GPU_TASKS = {"train", "train-2", "score-kl", "enhance-meca", "identify-clean", "relabel-finetune", "evaluate",
+             "train-aabl", "train-aabl-2", "score-adv-sce"}
 STAGE_TASKS = {"poison", "train", "score-kl", "partition-meca", "enhance-meca", "identify-clean", "train-2",
                "relabel-finetune", "evaluate"}
 TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
@@ -40,7 +41,7 @@ def test_checked_in_yaml_is_current(tmp_path):
     assert {p.name for p in kp.COMPILED.glob("*.yaml")} == {p.name for p in tmp_path.glob("*.yaml")}
 
 
-@pytest.mark.parametrize("name", ["meca", "none", "rerun-final_train"])
+@pytest.mark.parametrize("name", ["meca", "none", "a-abl", "adv-train", "rerun-final_train"])
 def test_compiled_spec_asks_for_gpus_secrets_and_caching(name):
     pipeline, platform = _spec(name)
     tasks = pipeline["root"]["dag"]["tasks"]
@@ -178,3 +179,13 @@ def test_cli_runs_the_pipeline_under_kfp_local(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "executed: evaluate, poison, track, train;" in out and "no defense" in out
     assert (tmp_path / "kfp-local" / ".kfp_cache").is_dir()
+
+
+def test_aabl_pipeline_runs_under_kfp_local(tmp_path):
+    cfg = load_config("cpu", {"train_limit": 400, "train.epochs": 1, "aabl.final.epochs": 1, "aabl.adv_steps": 1,
+                              "aabl.ra_steps": 1, "attack.name": "trojan"})
+    metrics_dir, log = kp.run_local(kp.aabl_pipeline, kp.arguments(cfg), tmp_path)
+    assert set(log.executed) == {"poison", "train-aabl", "score-adv-sce", "partition-otsu", "train-aabl-2", "evaluate",
+                                 "track"}
+    m = json.loads((metrics_dir / "metrics.json").read_text())
+    assert m["defense"] == "a-abl" and 0 <= m["ra"] <= 1 and "otsu" in m["splits"]

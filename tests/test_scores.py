@@ -1,6 +1,8 @@
-"""Per-sample scores: KL divergence, MeCa's random patch mask, perturbation (Eq. 3) and KL score."""
+"""Per-sample scores: KL divergence, MeCa's random patch mask, perturbation (Eq. 3) and KL score; A-ABL's SCE and iFGSM."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.scores import kl_divergence, meca_kl, meca_perturbation, random_patch_mask
+from components.scores import (adv_sce, ifgsm, kl_divergence, meca_kl, meca_perturbation, random_patch_mask,
+                               symmetric_cross_entropy)
 
 CPU = torch.device("cpu")
 
@@ -144,7 +147,7 @@ def test_meca_perturbation_keeps_outside_and_replaces_inside():
     x, y = _batch()
     mask = random_patch_mask(len(x), 8, 8, 3, torch.Generator().manual_seed(0))
     eps = 0.05
-    x_hat = meca_perturbation(Linear(3, 8, 8, 4), x, y, mask, eps)
+    x_hat, _ = meca_perturbation(Linear(3, 8, 8, 4), x, y, mask, eps)
     assert x_hat.shape == x.shape
     outside = mask.expand_as(x) == 0
     assert torch.equal(x_hat[outside], x[outside])  # exactly untouched
@@ -169,12 +172,13 @@ def test_meca_perturbation_equals_clipped_normalized_gradient_for_linear_model()
     # per sample, an eps between the patch's smallest and largest |unit|: some entries clip and some do not
     eps = float(unit[mask.expand_as(unit) == 1].abs().median())
     expected = x * (1 - mask) + mask * unit.clamp(-eps, eps)
-    got = meca_perturbation(model, x, y, mask, eps)
+    got, logits = meca_perturbation(model, x, y, mask, eps)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, model(x).detach())  # f(x) of the gradient pass, reused for the KL
     inside = mask.expand_as(x) == 1
     assert (got[inside].abs() >= eps - 1e-6).any() and (got[inside].abs() < eps - 1e-4).any()
     # the L2 norm runs over the masked patch only: with a large eps the patch has unit norm
-    big = meca_perturbation(model, x, y, mask, 10.0)
+    big, _ = meca_perturbation(model, x, y, mask, 10.0)
     torch.testing.assert_close((big * mask).flatten(1).norm(dim=1), torch.ones(n), rtol=1e-5, atol=1e-6)
 
 
@@ -215,3 +219,58 @@ def test_meca_kl_zero_for_model_that_ignores_its_input():
     images, labels = _uint8(6)
     kl = meca_kl(Constant(4), images, labels, eps=0.1, patch=3, seed=0, device=CPU)
     np.testing.assert_allclose(kl, 0.0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- A-ABL: SCE and iFGSM
+
+
+def test_symmetric_cross_entropy_by_hand():
+    # logits (0, ln 3): p = (1/4, 3/4). Label 1: CE = -ln(3/4), RCE = -ln(1e-4) * (1 - 3/4).
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    y = torch.tensor([1, 0])
+    got = symmetric_cross_entropy(logits, y, alpha=0.1, beta=1.0)
+    a = 0.1 * -math.log(0.75) + 9.2103 * 0.25
+    b = 0.1 * -math.log(0.25) + 9.2103 * 0.75
+    torch.testing.assert_close(got, torch.tensor([a, b]), rtol=1e-5, atol=1e-6)
+    # beta = 0 leaves alpha * CE; a misclassified sample always scores higher than a well classified one
+    torch.testing.assert_close(symmetric_cross_entropy(logits, y, alpha=1.0, beta=0.0),
+                               F.cross_entropy(logits, y, reduction="none"))
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_ifgsm_stays_in_the_eps_ball_and_the_unit_cube(random_start):
+    x, y = _batch(n=16, seed=4)
+    x[:4] = 0.0  # pixels at the cube's edges: the clip to [0, 1] must hold them
+    x[4:8] = 1.0
+    eps = 8 / 255
+    adv = ifgsm(TinyNet(), x, y, eps=eps, step=2 / 255, steps=10, random_start=random_start,
+                gen=torch.Generator().manual_seed(0))
+    assert adv.shape == x.shape and not adv.requires_grad
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x).abs().max() > eps / 2  # it moved
+
+
+def test_ifgsm_raises_the_loss_of_a_linear_model():
+    model = Linear(3, 8, 8, 4)
+    x, y = _batch(n=8, seed=5)
+    x = x * 0.5 + 0.25  # away from the cube's edges, so the step is not clipped
+    adv = ifgsm(model, x, y, eps=2 / 255, step=2 / 255, steps=1)
+    # one step of size eps along sign(grad): exactly x + eps * sign(grad)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    torch.testing.assert_close(adv, x + 2 / 255 * grad.sign())
+    with torch.no_grad():
+        assert (F.cross_entropy(model(adv), y, reduction="none") > F.cross_entropy(model(x), y, reduction="none")).all()
+
+
+def test_adv_sce_one_value_per_sample_whatever_the_batch_size():
+    images, labels = _uint8(10, seed=2)
+    a = adv_sce(TinyNet(), images, labels, eps=2 / 255, step=2 / 255, steps=5, batch_size=3, device=CPU)
+    b = adv_sce(TinyNet(), images, labels, eps=2 / 255, step=2 / 255, steps=5, batch_size=10, device=CPU)
+    assert a.shape == (10,) and np.isfinite(a).all() and (a > 0).all()
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # a model that ignores its input has no adversarial direction: SCE of the clean prediction
+    c = adv_sce(Constant(4), images, labels, eps=2 / 255, step=2 / 255, steps=5, device=CPU)
+    expected = symmetric_cross_entropy(Constant(4)(torch.zeros(10, 3, 8, 8)), labels)
+    np.testing.assert_allclose(c, expected.detach().numpy(), rtol=1e-5)

@@ -7,11 +7,12 @@ from .badnets import BadNets
 from .base import Attack, Poisoned, StaticTrigger
 from .blend import Blend
 from .sig import SIG
+from .trojan import Trojan
 from .wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blend": Blend, "sig": SIG, "wanet": WaNet}
+ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blend": Blend, "sig": SIG, "trojan": Trojan, "wanet": WaNet}
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "Blend", "Poisoned", "SIG", "StaticTrigger", "WaNet", "attack_from_spec", "build_attack"]
+__all__ = ["ATTACKS", "Attack", "BadNets", "Blend", "Poisoned", "SIG", "StaticTrigger", "Trojan", "WaNet", "attack_from_spec", "build_attack"]
 
 
 def build_attack(name: str, *, target: int, rate: float, seed: int, num_classes: int, **params) -> Attack:

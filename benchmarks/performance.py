@@ -1,0 +1,308 @@
+"""Performance benchmarks: the training engine and the scores against the common way, measured in one process.
+
+- train-throughput: on the same model, the same poisoned data and the same initial weights, a fixed number of
+  training steps with (a) the engine (`components.engine.train`: uint8 tensors, batch-wise augmentation, channels_last,
+  the machine's threads; on a GPU also the data set on the device, bf16 autocast and torch.compile) and (b) a baseline
+  written the common way: a torchvision-style Dataset with PIL transforms, a DataLoader with workers, fp32, NCHW.
+- score-throughput: MeCa's perturbation KL (Eq. 3) and A-ABL's iFGSM + SCE against plain forward passes
+  (`engine.predict`) on the same model and images; each also as a share of the engine's training throughput.
+- scaling: time per epoch and peak memory of the engine at 5k, 10k, 20k and 50k samples (small CNN), each size in a
+  fresh subprocess so that its peak RSS is its own; the growth exponent of each (1 = linear).
+
+Records are appended to benchmarks/results/performance.json (keys `benchmark`, `model`, `engine_img_s`,
+`baseline_img_s`, `ratio`, `device`, `machine`, ...) and the Markdown table beside it is rewritten from the newest
+record of each kind. Run: `make benchmark-perf`, or `.venv/bin/python benchmarks/performance.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from components import engine, scores
+from components.attacks import build_attack
+from components.config import TrainParams
+from components.data import load_images
+from components.models import build_model
+from pipelines.benchmark import machine
+
+RESULTS = Path(__file__).resolve().parent / "results" / "performance.json"
+SCALING_SIZES = (5000, 10000, 20000, 50000)
+
+
+# --- the baseline: the common way ---------------------------------------------------------------------------------
+
+class PILDataset(Dataset):
+    """One PIL image per sample and per-sample transforms, as the torchvision CIFAR10 data set serves them."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+        self.transform = T.Compose([T.RandomHorizontalFlip(), T.ToTensor()])  # flip: the CPU protocol's augmentation
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def baseline_train(model, images: np.ndarray, labels: np.ndarray, p: TrainParams, steps: int, warmup: int,
+                   device: torch.device, workers: int) -> float:
+    """Images/s of `steps` SGD steps after `warmup` steps: DataLoader with workers, fp32, NCHW, no autocast."""
+    loader = DataLoader(PILDataset(images, labels), batch_size=p.batch_size, shuffle=True, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    model = model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov,
+                          weight_decay=p.weight_decay)
+    batches = iter(loader)
+    t0 = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return steps * p.batch_size / (time.perf_counter() - t0)
+
+
+def engine_train(model, x: torch.Tensor, y: torch.Tensor, p: TrainParams, steps: int, warmup: int,
+                 device: torch.device) -> float:
+    """Images/s of `steps` engine steps (one epoch over steps * batch images), after a warm-up run of `warmup` steps
+    on a copy of the model (oneDNN primitives, CUDA kernels and the compiled graph are built there)."""
+    engine.train(copy.deepcopy(model), x[: warmup * p.batch_size], y[: warmup * p.batch_size], p, device=device,
+                 desc="warm-up")
+    n = steps * p.batch_size
+    _sync(device)
+    t0 = time.perf_counter()
+    engine.train(model, x[:n], y[:n], p, device=device, desc="engine")
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, n: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+# --- benchmarks -----------------------------------------------------------------------------------------------------
+
+def poisoned_tensors(data: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n training images of `data` poisoned with BadNets (5 %), repeated if the set holds fewer than n."""
+    ds = load_images(data, "train")
+    res = build_attack("badnets", target=0, rate=0.05, seed=0, num_classes=ds.num_classes).poison(ds)
+    reps = math.ceil(n / len(ds))
+    images = np.concatenate([res.dataset.images] * reps)[:n]
+    labels = np.concatenate([res.dataset.labels] * reps)[:n]
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def train_throughput(model_name: str, x, y, args, device) -> dict:
+    p = TrainParams(epochs=1, batch_size=args.batch, lr=0.01, schedule="constant", augment="flip",
+                    compile=args.compile if args.compile is not None else device.type == "cuda")
+    torch.manual_seed(0)
+    model = build_model(model_name, 10)
+    results = {"engine": [], "baseline": []}
+    for _ in range(args.repeats):  # interleaved, so that a load spike on a shared machine hits both
+        results["engine"].append(engine_train(copy.deepcopy(model), x, y, p, args.steps, 2, device))
+        results["baseline"].append(baseline_train(copy.deepcopy(model), x.numpy(), y.numpy(), p, args.steps, 2,
+                                                  device, engine.machine_threads()))
+    eng, base = max(results["engine"]), max(results["baseline"])
+    return {"benchmark": "train-throughput", "model": model_name, "engine_img_s": eng, "baseline_img_s": base,
+            "ratio": eng / base, "steps": args.steps, "batch_size": args.batch, "repeats": args.repeats,
+            "engine_settings": {"channels_last": p.channels_last, "bf16": p.bf16 and device.type == "cuda",
+                                "compile": p.compile, "threads": torch.get_num_threads()}}
+
+
+def score_throughput(model_name: str, x, y, train_img_s: float, args, device) -> list[dict]:
+    """Scores against plain forward passes on the same model and images (best of `repeats`)."""
+    n = args.steps * args.batch
+    torch.manual_seed(0)
+    model = engine.prepare(build_model(model_name, 10), TrainParams(), device)
+    xs, ys = x[:n], y[:n]
+    runs = {"forward": lambda: engine.predict(model, xs, batch_size=args.score_batch, device=device),
+            "meca_kl": lambda: scores.meca_kl(model, xs, ys, eps=0.1, patch=8, seed=0, batch_size=args.score_batch,
+                                              device=device),
+            "adv_sce": lambda: scores.adv_sce(model, xs, ys, eps=2 / 255, step=2 / 255, steps=5,
+                                              batch_size=args.score_batch, device=device)}
+    runs["forward"]()  # warm-up
+    best = {k: 0.0 for k in runs}
+    for _ in range(args.repeats):
+        for k, fn in runs.items():
+            best[k] = max(best[k], _timed(fn, n, device))
+    return [{"benchmark": "score-throughput", "model": model_name, "score": k, "engine_img_s": best[k],
+             "baseline_img_s": best["forward"], "ratio": best[k] / best["forward"], "train_img_s": train_img_s,
+             "share_of_train": best[k] / train_img_s, "images": n, "batch_size": args.score_batch}
+            for k in ("meca_kl", "adv_sce")]
+
+
+def scaling_one(npz: str) -> None:
+    """Subprocess body: one warm-up of two batches, then one timed epoch; prints a JSON line."""
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with np.load(npz) as f:
+        x, y = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
+    p = TrainParams(epochs=1, augment="flip")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10)
+    engine.train(copy.deepcopy(model), x[: 2 * p.batch_size], y[: 2 * p.batch_size], p, device=torch.device("cpu"))
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    engine.train(model, x, y, p, device=torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"samples": len(y), "epoch_seconds": seconds, "img_s": len(y) / seconds,
+                      "data_mb": x.numel() / 2**20, "rss_start_mb": rss_start / 1024,
+                      "rss_before_epoch_mb": rss_loaded / 1024, "peak_rss_mb": peak / 1024}))
+
+
+def scaling(data: str, sizes: tuple[int, ...]) -> list[dict]:
+    x, y = poisoned_tensors(data, max(sizes))
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            npz = Path(tmp) / f"{n}.npz"
+            np.savez(npz, images=x[:n].numpy(), labels=y[:n].numpy())
+            proc = subprocess.run([sys.executable, __file__, "--scaling-one", str(npz)], capture_output=True,
+                                  text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            out.append({"benchmark": "scaling", "model": "small_cnn", **r})
+            print(f"scaling  {n:>6} samples: {r['epoch_seconds']:.1f} s/epoch ({r['img_s']:.0f} img/s), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    lo, hi = out[0], out[-1]
+    size_ratio = hi["samples"] / lo["samples"]
+    for r in out:
+        r["time_growth_exponent"] = math.log(hi["epoch_seconds"] / lo["epoch_seconds"]) / math.log(size_ratio)
+        r["memory_growth_mb_per_10k"] = ((hi["peak_rss_mb"] - lo["peak_rss_mb"])
+                                         / (hi["samples"] - lo["samples"]) * 10000)
+    return out
+
+
+# --- results --------------------------------------------------------------------------------------------------------
+
+def _key(r: dict) -> tuple:
+    return r["benchmark"], r["model"], r.get("score", ""), r.get("samples", 0), r["device"]
+
+
+def markdown(records: list[dict]) -> str:
+    latest = {}
+    for r in records:
+        latest[_key(r)] = r
+    rows = sorted(latest.values(), key=_key)
+    lines = ["# Performance", "", "Newest record of each kind from `performance.json`; produced by `make benchmark-perf`.",
+             "", "## Training throughput (engine vs DataLoader + PIL baseline, same model, data and weights)", "",
+             "| model | device | engine img/s | baseline img/s | ratio | steps x batch | engine settings | machine | date |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["benchmark"] == "train-throughput":
+            s = ", ".join(f"{k}={v}" for k, v in r["engine_settings"].items())
+            lines.append(f"| {r['model']} | {r['device']} | {r['engine_img_s']:.0f} | {r['baseline_img_s']:.0f} | "
+                         f"{r['ratio']:.2f} | {r['steps']} x {r['batch_size']} | {s} | {r['machine']} | {r['date']} |")
+    lines += ["", "## Scoring throughput (against plain forward passes, and as a share of engine training)", "",
+              "| model | device | score | score img/s | forward img/s | score / forward | score / train | machine | date |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["benchmark"] == "score-throughput":
+            lines.append(f"| {r['model']} | {r['device']} | {r['score']} | {r['engine_img_s']:.0f} | "
+                         f"{r['baseline_img_s']:.0f} | {r['ratio']:.2f} | {r['share_of_train']:.2f} | {r['machine']} | "
+                         f"{r['date']} |")
+    lines += ["", "## Scaling (small CNN, one epoch, CPU, each size in a fresh process)", "",
+              "| samples | s / epoch | img/s | data MB | peak RSS MB | time growth exponent | MB per 10k samples | date |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["benchmark"] == "scaling":
+            lines.append(f"| {r['samples']} | {r['epoch_seconds']:.1f} | {r['img_s']:.0f} | {r['data_mb']:.0f} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['time_growth_exponent']:.2f} | "
+                         f"{r['memory_growth_mb_per_10k']:.0f} | {r['date']} |")
+    if not any(r["device"] == "cuda" for r in rows):
+        lines += ["", "## GPU", "", "Pending: no GPU was lent to the sessions that produced these figures. On a GPU "
+                  "machine, `make benchmark-perf` adds ResNet-18 training images/s and its ratio over the baseline on "
+                  "the same GPU, and `make benchmark-paper` the wall time of the full MeCa paper protocol."]
+    return "\n".join(lines) + "\n"
+
+
+def save(new: list[dict], device: torch.device, path: Path) -> None:
+    """Append to `path` (JSON list) and rewrite the Markdown beside it; each written whole, then renamed."""
+    stamp = {"device": device.type, "machine": machine(), "date": date.today().isoformat()}
+    records = json.loads(path.read_text()) if path.exists() else []
+    records += [{**r, **stamp} for r in new]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in ((path, json.dumps(records, indent=1, sort_keys=True) + "\n"),
+                         (path.with_suffix(".md"), markdown(records))):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--scaling-one":
+        return scaling_one(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmarks", default="train,score,scaling", help="any of train, score, scaling")
+    parser.add_argument("--models", default="small_cnn,resnet18")
+    parser.add_argument("--data", default="sample", help="training images (the scaling sizes above it repeat them)")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--score-batch", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile in the engine (default: on a GPU only)")
+    parser.add_argument("--sizes", default=",".join(map(str, SCALING_SIZES)))
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to append to")
+    args = parser.parse_args()
+    which = set(args.benchmarks.split(","))
+    device = engine.default_device()
+    engine.use_machine_threads()
+    print(f"device: {device}, {machine()}, {torch.get_num_threads()} threads", flush=True)
+    new = []
+    if which & {"train", "score"}:
+        x, y = poisoned_tensors(args.data, (args.steps + 2) * args.batch)
+        for name in args.models.split(","):
+            t = train_throughput(name, x, y, args, device)
+            print(f"train    {name:<10} engine {t['engine_img_s']:8.1f} img/s  baseline {t['baseline_img_s']:8.1f} "
+                  f"img/s  ratio {t['ratio']:.2f}", flush=True)
+            if "train" in which:
+                new.append(t)
+            if "score" in which:
+                for r in score_throughput(name, x, y, t["engine_img_s"], args, device):
+                    print(f"score    {name:<10} {r['score']:<8} {r['engine_img_s']:8.1f} img/s  forward "
+                          f"{r['baseline_img_s']:8.1f} img/s  score/forward {r['ratio']:.2f}  "
+                          f"score/train {r['share_of_train']:.2f}", flush=True)
+                    new.append(r)
+    if "scaling" in which:
+        new += scaling(args.data, tuple(int(s) for s in args.sizes.split(",")))
+        print(f"scaling  time growth exponent {new[-1]['time_growth_exponent']:.2f} (1 = linear), memory "
+              f"{new[-1]['memory_growth_mb_per_10k']:.0f} MB per 10k samples", flush=True)
+    save(new, device, args.results)
+    print(f"results: {args.results}")
+
+
+if __name__ == "__main__":
+    main()
