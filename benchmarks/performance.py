@@ -164,23 +164,31 @@ def score_throughput(model_name: str, x, y, train_img_s: float, args, device) ->
             for k in ("meca_kl", "adv_sce")]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss, which Linux carries over exec from the
+    parent, so that a child started by a large parent reports the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on BSD-likes too
+
+
 def scaling_one(npz: str) -> None:
     """Subprocess body: one warm-up of two batches, then one timed epoch; prints a JSON line."""
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_start = peak_rss_mb()
     with np.load(npz) as f:
         x, y = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
     p = TrainParams(epochs=1, augment="flip")
     torch.manual_seed(0)
     model = build_model("small_cnn", 10)
     engine.train(copy.deepcopy(model), x[: 2 * p.batch_size], y[: 2 * p.batch_size], p, device=torch.device("cpu"))
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_loaded = peak_rss_mb()
     t0 = time.perf_counter()
     engine.train(model, x, y, p, device=torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"samples": len(y), "epoch_seconds": seconds, "img_s": len(y) / seconds,
-                      "data_mb": x.numel() / 2**20, "rss_start_mb": rss_start / 1024,
-                      "rss_before_epoch_mb": rss_loaded / 1024, "peak_rss_mb": peak / 1024}))
+                      "data_mb": x.numel() / 2**20, "rss_start_mb": rss_start,
+                      "rss_before_epoch_mb": rss_loaded, "peak_rss_mb": peak_rss_mb()}))
 
 
 def scaling(data: str, sizes: tuple[int, ...]) -> list[dict]:

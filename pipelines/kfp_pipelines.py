@@ -70,22 +70,27 @@ def _track(defense: str, params: dict, stage_outputs: dict):
     return task
 
 
+def _evaluate_and_track(defense: str, params: dict, poisoned: dsl.PipelineTask, stage_outputs: dict):
+    """The last two tasks of every defense: evaluation (the only task that reads the ground truth), then tracking.
+    `params`: the pipeline's parameters; `stage_outputs`: stage name -> its output artifact."""
+    dataset = poisoned.outputs["poisoned"]
+    evaluated = on_gpu(c.evaluate(data=params["data"], defense=defense, protocol=params["protocol"],
+                                  model_name=params["model"], poison=dataset, truth=poisoned.outputs["truth"],
+                                  aabl=params["aabl"], **stage_outputs))
+    _track(defense, params, {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
+    return evaluated.outputs["metrics"]
+
+
 @dsl.pipeline(name="unpoison-none", description="No defense: plain training on the poisoned set (DER's reference).")
 def none_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
                   model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
                   train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
                   aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
+    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
     poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
     trained = on_gpu(c.train(dataset=poisoned.outputs["poisoned"], params=train, overrides={}, model_name=model,
                              monitor_data=data, stage="train"))
-    evaluated = on_gpu(c.evaluate(data=data, defense="none", protocol=protocol, model_name=model,
-                                  poison=poisoned.outputs["poisoned"], truth=poisoned.outputs["truth"],
-                                  train=trained.outputs["model"]))
-    _track("none", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
-                        train=train, final=final, meca=meca, aabl=aabl),
-           {"poison": poisoned.outputs["poisoned"], "train": trained.outputs["model"],
-            "evaluate": evaluated.outputs["metrics"]})
-    return evaluated.outputs["metrics"]
+    return _evaluate_and_track("none", params, poisoned, {"train": trained.outputs["model"]})
 
 
 @dsl.pipeline(name="unpoison-meca", description="MeCa (paper 000): perturbation scoring, partition, backdoor "
@@ -94,6 +99,7 @@ def meca_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_lim
                   model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
                   train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
                   aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
+    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
     poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
     dataset = poisoned.outputs["poisoned"]
     warm = on_gpu(c.train(dataset=dataset, params=train, overrides={}, model_name=model, monitor_data=data, stage="warmup"))
@@ -110,12 +116,7 @@ def meca_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_lim
     stage_outputs = {"warmup": warm.outputs["model"], "score": scored.outputs["scores"], "partition": part.outputs["split"],
                      "enhance": enhanced.outputs["enhanced"], "identify": ident.outputs["split"],
                      "final_train": clean.outputs["model"], "relabel_finetune": fine.outputs["finetuned"]}
-    evaluated = on_gpu(c.evaluate(data=data, defense="meca", protocol=protocol, model_name=model, poison=dataset,
-                                  truth=poisoned.outputs["truth"], **stage_outputs))
-    _track("meca", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
-                        train=train, final=final, meca=meca, aabl=aabl),
-           {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
-    return evaluated.outputs["metrics"]
+    return _evaluate_and_track("meca", params, poisoned, stage_outputs)
 
 
 @dsl.pipeline(name="unpoison-a-abl", description="A-ABL (paper 001): naive training, iFGSM + SCE scoring, Otsu split, "
@@ -124,6 +125,7 @@ def aabl_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_lim
                   model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
                   train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
                   aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
+    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
     poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
     dataset = poisoned.outputs["poisoned"]
     common = dict(dataset=dataset, train=train, final=final, aabl=aabl, model_name=model, monitor_data=data)
@@ -133,12 +135,7 @@ def aabl_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_lim
     robust = on_gpu(c.train_aabl(stage="final_train", split=part.outputs["split"], **common))
     stage_outputs = {"warmup": warm.outputs["model"], "score": scored.outputs["scores"],
                      "partition": part.outputs["split"], "final_train": robust.outputs["model"]}
-    evaluated = on_gpu(c.evaluate(data=data, defense="a-abl", protocol=protocol, model_name=model, poison=dataset,
-                                  truth=poisoned.outputs["truth"], aabl=aabl, **stage_outputs))
-    _track("a-abl", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
-                         train=train, final=final, meca=meca, aabl=aabl),
-           {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
-    return evaluated.outputs["metrics"]
+    return _evaluate_and_track("a-abl", params, poisoned, stage_outputs)
 
 
 @dsl.pipeline(name="unpoison-adv-train", description="A-ABL's Adv. Train baseline: PGD adversarial training on the "
@@ -147,18 +144,14 @@ def adv_train_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", trai
                        model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
                        train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
                        aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
+    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
     poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
     dataset = poisoned.outputs["poisoned"]
     common = dict(dataset=dataset, train=train, final=final, aabl=aabl, model_name=model, monitor_data=data)
     warm = on_gpu(c.train_aabl(stage="warmup", **common))
     robust = on_gpu(c.train_aabl(stage="final_train", **common))
     stage_outputs = {"warmup": warm.outputs["model"], "final_train": robust.outputs["model"]}
-    evaluated = on_gpu(c.evaluate(data=data, defense="adv-train", protocol=protocol, model_name=model, poison=dataset,
-                                  truth=poisoned.outputs["truth"], aabl=aabl, **stage_outputs))
-    _track("adv-train", dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed,
-                             attack=attack, train=train, final=final, meca=meca, aabl=aabl),
-           {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
-    return evaluated.outputs["metrics"]
+    return _evaluate_and_track("adv-train", params, poisoned, stage_outputs)
 
 
 @dsl.pipeline(name="unpoison-rerun-final-train",
