@@ -312,7 +312,8 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
     artifacts.write_json(m, out / "metrics.json")
     with artifacts.atomic_path(out / "report.md") as tmp:
         tmp.write_text(report.markdown(m, plots))
-    return {"acc": m["acc"], "asr": m["asr"], **({"der": m["der"]} if m["der"] is not None else {})}
+    return {"acc": m["acc"], "asr": m["asr"], **({"der": m["der"]} if m["der"] is not None else {}),
+            **({"ra": m["ra"]} if "ra" in m else {})}
 
 
 def evaluate_defense(out: Path, *, data: str, defense: str, dirs: dict[str, Path], info: dict | None = None,
