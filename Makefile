@@ -24,10 +24,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed $(TOOLS)/.installed
 	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest
 
-# CPU reference protocol (DESIGN.md) for none and meca on four attacks; needs the full CIFAR-10 Parquet set.
+# CPU reference protocol (DESIGN.md) for none, meca and a-abl on five attacks; needs the full CIFAR-10 Parquet set.
+# DEFENSES=... ATTACKS=... run a part of the matrix; records of the same defense, attack and protocol are replaced.
 CIFAR10 ?= ../shared/datasets/cifar10
+DEFENSES ?= none,meca,a-abl
+ATTACKS ?= badnets,blend,sig,trojan,wanet
 benchmark-cpu: $(VENV)/.installed
-	$(VENV)/bin/unpoison benchmark --protocol cpu --defenses none,meca --attacks badnets,blend,sig,wanet --data $(CIFAR10)
+	$(VENV)/bin/unpoison benchmark --protocol cpu --defenses $(DEFENSES) --attacks $(ATTACKS) --data $(CIFAR10)
 
 # Engine and scoring throughput against the common way, and epoch time / peak memory at 5k-50k samples
 # (benchmarks/results/performance.json and .md). On a GPU machine it measures the GPU path.
