@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components import scores, splits
+from components import engine, scores, splits
 from components.config import AablParams
 from components.engine import Perturb
 
@@ -35,8 +35,6 @@ def score_eps(params: AablParams, image_size: int) -> float:
 
 def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: AablParams) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2's score of every sample: (natural SCE, SCE of its iFGSM adversarial example)."""
-    from components import engine
-
     eps = score_eps(params, max(x.shape[1], x.shape[2]))
     device = engine.default_device()
     logits = engine.predict(model, x, batch_size=params.score_batch, device=device)
