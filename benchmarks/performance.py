@@ -219,36 +219,41 @@ def _key(r: dict) -> tuple:
     return r["benchmark"], r["model"], r.get("score", ""), r.get("samples", 0), r["device"]
 
 
+def _settings(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["engine_settings"].items())
+
+
+# Per benchmark: the section heading and its columns (header, cell of a record).
+SECTIONS = {
+    "train-throughput": ("Training throughput (engine vs DataLoader + PIL baseline, same model, data and weights)", [
+        ("model", lambda r: r["model"]), ("device", lambda r: r["device"]),
+        ("engine img/s", lambda r: f"{r['engine_img_s']:.0f}"), ("baseline img/s", lambda r: f"{r['baseline_img_s']:.0f}"),
+        ("ratio", lambda r: f"{r['ratio']:.2f}"), ("steps x batch", lambda r: f"{r['steps']} x {r['batch_size']}"),
+        ("engine settings", _settings), ("machine", lambda r: r["machine"]), ("date", lambda r: r["date"])]),
+    "score-throughput": ("Scoring throughput (against plain forward passes, and as a share of engine training)", [
+        ("model", lambda r: r["model"]), ("device", lambda r: r["device"]), ("score", lambda r: r["score"]),
+        ("score img/s", lambda r: f"{r['engine_img_s']:.0f}"), ("forward img/s", lambda r: f"{r['baseline_img_s']:.0f}"),
+        ("score / forward", lambda r: f"{r['ratio']:.2f}"), ("score / train", lambda r: f"{r['share_of_train']:.2f}"),
+        ("machine", lambda r: r["machine"]), ("date", lambda r: r["date"])]),
+    "scaling": ("Scaling (small CNN, one epoch, CPU, each size in a fresh process)", [
+        ("samples", lambda r: str(r["samples"])), ("s / epoch", lambda r: f"{r['epoch_seconds']:.1f}"),
+        ("img/s", lambda r: f"{r['img_s']:.0f}"), ("data MB", lambda r: f"{r['data_mb']:.0f}"),
+        ("peak RSS MB", lambda r: f"{r['peak_rss_mb']:.0f}"),
+        ("time growth exponent", lambda r: f"{r['time_growth_exponent']:.2f}"),
+        ("MB per 10k samples", lambda r: f"{r['memory_growth_mb_per_10k']:.0f}"), ("date", lambda r: r["date"])]),
+}
+
+
 def markdown(records: list[dict]) -> str:
     latest = {}
     for r in records:
         latest[_key(r)] = r
     rows = sorted(latest.values(), key=_key)
-    lines = ["# Performance", "", "Newest record of each kind from `performance.json`; produced by `make benchmark-perf`.",
-             "", "## Training throughput (engine vs DataLoader + PIL baseline, same model, data and weights)", "",
-             "| model | device | engine img/s | baseline img/s | ratio | steps x batch | engine settings | machine | date |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["benchmark"] == "train-throughput":
-            s = ", ".join(f"{k}={v}" for k, v in r["engine_settings"].items())
-            lines.append(f"| {r['model']} | {r['device']} | {r['engine_img_s']:.0f} | {r['baseline_img_s']:.0f} | "
-                         f"{r['ratio']:.2f} | {r['steps']} x {r['batch_size']} | {s} | {r['machine']} | {r['date']} |")
-    lines += ["", "## Scoring throughput (against plain forward passes, and as a share of engine training)", "",
-              "| model | device | score | score img/s | forward img/s | score / forward | score / train | machine | date |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["benchmark"] == "score-throughput":
-            lines.append(f"| {r['model']} | {r['device']} | {r['score']} | {r['engine_img_s']:.0f} | "
-                         f"{r['baseline_img_s']:.0f} | {r['ratio']:.2f} | {r['share_of_train']:.2f} | {r['machine']} | "
-                         f"{r['date']} |")
-    lines += ["", "## Scaling (small CNN, one epoch, CPU, each size in a fresh process)", "",
-              "| samples | s / epoch | img/s | data MB | peak RSS MB | time growth exponent | MB per 10k samples | date |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["benchmark"] == "scaling":
-            lines.append(f"| {r['samples']} | {r['epoch_seconds']:.1f} | {r['img_s']:.0f} | {r['data_mb']:.0f} | "
-                         f"{r['peak_rss_mb']:.0f} | {r['time_growth_exponent']:.2f} | "
-                         f"{r['memory_growth_mb_per_10k']:.0f} | {r['date']} |")
+    lines = ["# Performance", "", "Newest record of each kind from `performance.json`; produced by `make benchmark-perf`."]
+    for benchmark, (heading, columns) in SECTIONS.items():
+        lines += ["", f"## {heading}", "", "| " + " | ".join(h for h, _ in columns) + " |",
+                  "| " + " | ".join("---" for _ in columns) + " |"]
+        lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows if r["benchmark"] == benchmark]
     if not any(r["device"] == "cuda" for r in rows):
         lines += ["", "## GPU", "", "Pending: no GPU was lent to the sessions that produced these figures. On a GPU "
                   "machine, `make benchmark-perf` adds ResNet-18 training images/s and its ratio over the baseline on "

@@ -122,12 +122,10 @@ class RunConfig(Strict):
         return self
 
     def aabl_warmup_params(self) -> TrainParams:
-        """A-ABL stage 1: the protocol's training with `aabl.warmup` (the seed is the run's)."""
-        return final_params(self.train.model_copy(update={"seed": self.seed}), self.aabl.warmup)
+        return aabl_params(self.train.model_copy(update={"seed": self.seed}), self.final, self.aabl, "warmup")
 
     def aabl_final_params(self) -> TrainParams:
-        """A-ABL stage 3 and Adv. Train: the final training with `aabl.final` (the seed is the run's)."""
-        return final_params(self.final_params().model_copy(update={"seed": self.seed}), self.aabl.final)
+        return aabl_params(self.train.model_copy(update={"seed": self.seed}), self.final, self.aabl, "final_train")
 
     def final_params(self) -> TrainParams:
         return final_params(self.train, self.final)
@@ -136,6 +134,14 @@ class RunConfig(Strict):
 def final_params(train: TrainParams, overrides: dict[str, Any]) -> TrainParams:
     """The final training's parameters: `train` with the `final` overrides (validated like `train`)."""
     return TrainParams.model_validate({**train.model_dump(), **overrides})
+
+
+def aabl_params(train: TrainParams, final: dict[str, Any], aabl: AablParams, stage: str) -> TrainParams:
+    """A-ABL's training parameters: stage 1 (`warmup`) is `train` with `aabl.warmup`; stage 3 and Adv. Train
+    (`final_train`) are the final training (`train` with `final`) with `aabl.final`."""
+    if stage == "warmup":
+        return final_params(train, aabl.warmup)
+    return final_params(final_params(train, final), aabl.final)
 
 
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components import artifacts, engine, metrics
+from components import artifacts, engine, metrics, scores
 from components.artifacts import ROUNDS_SCHEMA, SAMPLE_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
 
 # Which way each score points: -1 = a low score means poison-like (robust, fitted), +1 = a high score does.
@@ -26,8 +26,6 @@ def robust_accuracy(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, *
                     batch_size: int = 512, seed: int = 0) -> float:
     """RA (A-ABL section 6): accuracy on the clean test set under PGD (random start, `steps` steps of `step` inside
     the L-inf ball of radius `eps`; the paper's PGD-10 at 8/255, 2/255)."""
-    from components import scores
-
     net, _ = artifacts.load_model(model_dir)
     device = engine.default_device()
     net = engine.eval_model(net, device)

@@ -96,13 +96,12 @@ def train_aabl(dataset: Input[Dataset], train: dict, final: dict, aabl: dict, mo
     from pathlib import Path
 
     from components import stages
-    from components.config import AablParams, TrainParams, final_params
+    from components.config import AablParams, TrainParams, aabl_params
 
     data, p = Path(dataset.path), AablParams(**aabl)
     monitor = stages.Monitor(monitor_data, data / "attack.json") if monitor_data else None
-    params = (final_params(TrainParams(**train), p.warmup) if stage == "warmup"
-              else final_params(final_params(TrainParams(**train), final), p.final))
-    stages.recorded(stage, stages.train, model.path, data / "dataset.npz", params=params, model_name=model_name,
+    stages.recorded(stage, stages.train, model.path, data / "dataset.npz",
+                    params=aabl_params(TrainParams(**train), final, p, stage), model_name=model_name,
                     split=Path(split.path) / "split.parquet" if split else None, monitor=monitor,
                     adversarial=p if stage == "final_train" else None)
 

@@ -276,8 +276,8 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
     m = {**(info or {}), "attack": atk.spec(), "train_samples": len(table["sample_id"]),
          "poison_samples": int(table["is_poison"].sum()), "test_samples": len(test),
          "models": {name: evaluation.model_metrics(d, x, test.labels, trig_x, target) for name, d in models.items()}}
+    p = pgd or AablParams()
     for name in robust:
-        p = pgd or AablParams()
         m["models"][name]["ra"] = evaluation.robust_accuracy(models[name], x, test.labels, eps=p.ra_eps,
                                                              step=p.ra_step, steps=p.ra_steps)
     if reference is not None:
