@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 from components import engine, scores
@@ -100,6 +101,23 @@ def engine_train(model, x: torch.Tensor, y: torch.Tensor, p: TrainParams, steps:
     return n / (time.perf_counter() - t0)
 
 
+def train_flops_per_image(model, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """FLOPs of one training step (forward and backward) per image, as torch's FlopCounterMode counts them: the
+    convolutions and matrix products, which are nearly all of the arithmetic (element-wise ops are not counted)."""
+    model = copy.deepcopy(model).to(device).train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(engine.to_float(x.to(device))), y.to(device)).backward()
+    return counter.get_total_flops() / len(y)
+
+
+def gemm_flop_s(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's measured ceiling: FLOP/s of a large square matrix product (best of `repeats`), the most
+    efficient kernel the BLAS has. No training step, whose convolutions run on the same FMA units, can sustain more."""
+    a, b = (torch.rand(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    return max(_timed(lambda: a @ b, 2 * n**3, device) for _ in range(repeats))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -130,14 +148,23 @@ def train_throughput(model_name: str, x, y, args, device) -> dict:
                     compile=args.compile if args.compile is not None else device.type == "cuda")
     torch.manual_seed(0)
     model = build_model(model_name, 10)
-    results = {"engine": [], "baseline": []}
-    for _ in range(args.repeats):  # interleaved, so that a load spike on a shared machine hits both
+    # the GEMM ceiling in the engine's arithmetic: bf16 where it autocasts (a GPU), else fp32
+    gemm_dtype = torch.bfloat16 if device.type == "cuda" and p.bf16 else torch.float32
+    results = {"engine": [], "baseline": [], "gemm": []}
+    for _ in range(args.repeats):  # interleaved, so that a load spike on a shared machine hits all three
         results["engine"].append(engine_train(copy.deepcopy(model), x, y, p, args.steps, 2, device))
         results["baseline"].append(baseline_train(copy.deepcopy(model), x.numpy(), y.numpy(), p, args.steps, 2,
                                                   device, engine.machine_threads()))
-    eng, base = max(results["engine"]), max(results["baseline"])
+        results["gemm"].append(gemm_flop_s(device, gemm_dtype))
+    eng, base, gemm = max(results["engine"]), max(results["baseline"]), max(results["gemm"])
+    flops = train_flops_per_image(model, x[: args.batch], y[: args.batch], device)
+    # Roofline bound: an engine at the GEMM rate would be gemm / (base * flops) times the baseline. Where the baseline
+    # already runs at more than half that rate, no fp32 engine can be 2x faster without doing less arithmetic.
     return {"benchmark": "train-throughput", "model": model_name, "engine_img_s": eng, "baseline_img_s": base,
-            "ratio": eng / base, "steps": args.steps, "batch_size": args.batch, "repeats": args.repeats,
+            "ratio": eng / base, "flops_per_image": flops, "engine_gflop_s": eng * flops / 1e9,
+            "baseline_gflop_s": base * flops / 1e9, "gemm_gflop_s": gemm / 1e9, "gemm_dtype": str(gemm_dtype)[6:],
+            "ratio_ceiling": gemm / (base * flops),
+            "steps": args.steps, "batch_size": args.batch, "repeats": args.repeats,
             "engine_settings": {"channels_last": p.channels_last, "bf16": p.bf16 and device.type == "cuda",
                                 "compile": p.compile, "threads": torch.get_num_threads()}}
 
@@ -223,12 +250,20 @@ def _settings(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in r["engine_settings"].items())
 
 
+def _opt(r: dict, key: str, scale: float = 1.0, digits: int = 0) -> str:
+    """A column that older records lack ("-" there)."""
+    return f"{r[key] * scale:.{digits}f}" if key in r else "-"
+
+
 # Per benchmark: the section heading and its columns (header, cell of a record).
 SECTIONS = {
     "train-throughput": ("Training throughput (engine vs DataLoader + PIL baseline, same model, data and weights)", [
         ("model", lambda r: r["model"]), ("device", lambda r: r["device"]),
         ("engine img/s", lambda r: f"{r['engine_img_s']:.0f}"), ("baseline img/s", lambda r: f"{r['baseline_img_s']:.0f}"),
-        ("ratio", lambda r: f"{r['ratio']:.2f}"), ("steps x batch", lambda r: f"{r['steps']} x {r['batch_size']}"),
+        ("ratio", lambda r: f"{r['ratio']:.2f}"), ("GFLOP/img", lambda r: _opt(r, "flops_per_image", 1e-9, 3)),
+        ("GFLOP/s engine", lambda r: _opt(r, "engine_gflop_s")), ("GFLOP/s baseline", lambda r: _opt(r, "baseline_gflop_s")),
+        ("GFLOP/s GEMM", lambda r: _opt(r, "gemm_gflop_s")), ("ratio ceiling", lambda r: _opt(r, "ratio_ceiling", 1, 2)),
+        ("steps x batch", lambda r: f"{r['steps']} x {r['batch_size']}"),
         ("engine settings", _settings), ("machine", lambda r: r["machine"]), ("date", lambda r: r["date"])]),
     "score-throughput": ("Scoring throughput (against plain forward passes, and as a share of engine training)", [
         ("model", lambda r: r["model"]), ("device", lambda r: r["device"]), ("score", lambda r: r["score"]),
@@ -300,7 +335,9 @@ def main() -> None:
         for name in args.models.split(","):
             t = train_throughput(name, x, y, args, device)
             print(f"train    {name:<10} engine {t['engine_img_s']:8.1f} img/s  baseline {t['baseline_img_s']:8.1f} "
-                  f"img/s  ratio {t['ratio']:.2f}", flush=True)
+                  f"img/s  ratio {t['ratio']:.2f}  ({t['flops_per_image'] / 1e9:.3f} GFLOP/img: engine "
+                  f"{t['engine_gflop_s']:.0f}, baseline {t['baseline_gflop_s']:.0f}, {t['gemm_dtype']} GEMM "
+                  f"{t['gemm_gflop_s']:.0f} GFLOP/s; ratio ceiling {t['ratio_ceiling']:.2f})", flush=True)
             if "train" in which:
                 new.append(t)
             if "score" in which:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "performance.py"
 
 
@@ -25,6 +27,15 @@ def test_benchmark_writes_train_score_and_scaling_records(tmp_path):
     (train,) = by["train-throughput"]
     assert train["model"] == "small_cnn" and train["engine_img_s"] > 0 and train["baseline_img_s"] > 0
     assert train["ratio"] == train["engine_img_s"] / train["baseline_img_s"]
+    # the roofline figures: the small CNN's training step, counted by hand (DESIGN.md's widths 32/64/128): six 3x3
+    # convolutions at 32, 16 and 8 pixels and the head, forward 2 FLOPs per MAC, backward twice that except for the
+    # first convolution's input gradient, which is not needed
+    convs = [(3, 32, 32), (32, 32, 32), (32, 64, 16), (64, 64, 16), (64, 128, 8), (128, 128, 8)]
+    macs = [c_in * c_out * 9 * size * size for c_in, c_out, size in convs] + [128 * 10]
+    assert train["flops_per_image"] == 2 * sum(macs) * 3 - 2 * macs[0]
+    assert train["engine_gflop_s"] == pytest.approx(train["engine_img_s"] * train["flops_per_image"] / 1e9)
+    assert train["gemm_gflop_s"] > 0 and train["gemm_dtype"] == "float32"
+    assert train["ratio_ceiling"] == pytest.approx(train["gemm_gflop_s"] / train["baseline_gflop_s"])
     assert {r["score"] for r in by["score-throughput"]} == {"meca_kl", "adv_sce"}
     for r in by["score-throughput"]:
         assert r["ratio"] == r["engine_img_s"] / r["baseline_img_s"]
