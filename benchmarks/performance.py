@@ -4,6 +4,8 @@
   training steps with (a) the engine (`components.engine.train`: uint8 tensors, batch-wise augmentation, channels_last,
   the machine's threads; on a GPU also the data set on the device, bf16 autocast and torch.compile) and (b) a baseline
   written the common way: a torchvision-style Dataset with PIL transforms, a DataLoader with workers, fp32, NCHW.
+  Beside the ratio, what bounds it: FLOPs per training image, the GFLOP/s of each and of the machine's GEMM (the
+  ratio ceiling), and on a CPU the engine's time share in convolutions and their GFLOP/s (torch.profiler).
 - score-throughput: MeCa's perturbation KL (Eq. 3) and A-ABL's iFGSM + SCE against plain forward passes
   (`engine.predict`) on the same model and images; each also as a share of the engine's training throughput.
 - scaling: time per epoch and peak memory of the engine at 5k, 10k, 20k and 50k samples (small CNN), each size in a
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
@@ -101,13 +104,25 @@ def engine_train(model, x: torch.Tensor, y: torch.Tensor, p: TrainParams, steps:
     return n / (time.perf_counter() - t0)
 
 
-def train_flops_per_image(model, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+def train_flops_per_image(model, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[float, float]:
     """FLOPs of one training step (forward and backward) per image, as torch's FlopCounterMode counts them: the
-    convolutions and matrix products, which are nearly all of the arithmetic (element-wise ops are not counted)."""
+    convolutions and matrix products, which are nearly all of the arithmetic (element-wise ops are not counted);
+    the total, and the convolutions' part of it."""
     model = copy.deepcopy(model).to(device).train()
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(engine.to_float(x.to(device))), y.to(device)).backward()
-    return counter.get_total_flops() / len(y)
+    conv = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
+    return counter.get_total_flops() / len(y), conv / len(y)
+
+
+def conv_time_share(model, x: torch.Tensor, y: torch.Tensor, p: TrainParams) -> tuple[float, float]:
+    """Where the engine's CPU training time goes: the share of it spent in convolutions (forward and backward), and
+    the seconds per image they take, from torch.profiler's self times over one engine run on x."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.train(model, x, y, p, device=torch.device("cpu"), desc="profile")
+    events = prof.key_averages()
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    return conv / sum(e.self_cpu_time_total for e in events), conv / 1e6 / len(y)
 
 
 def gemm_flop_s(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -157,13 +172,21 @@ def train_throughput(model_name: str, x, y, args, device) -> dict:
                                                   device, engine.machine_threads()))
         results["gemm"].append(gemm_flop_s(device, gemm_dtype))
     eng, base, gemm = max(results["engine"]), max(results["baseline"]), max(results["gemm"])
-    flops = train_flops_per_image(model, x[: args.batch], y[: args.batch], device)
+    flops, conv_flops = train_flops_per_image(model, x[: args.batch], y[: args.batch], device)
     # Roofline bound: an engine at the GEMM rate would be gemm / (base * flops) times the baseline. Where the baseline
     # already runs at more than half that rate, no fp32 engine can be 2x faster without doing less arithmetic.
+    profiled = {}
+    if device.type == "cpu":  # the profiler's CPU self times are the kernels' times only on a CPU
+        # If everything but the convolutions took no time, the engine would reach ratio / share; where the
+        # convolutions already run near the GEMM rate, that is the most any engine of the same arithmetic can reach.
+        n = args.steps * p.batch_size
+        share, conv_s_per_img = conv_time_share(copy.deepcopy(model), x[:n], y[:n], p)
+        profiled = {"conv_flops_per_image": conv_flops, "engine_conv_share": share,
+                    "engine_conv_gflop_s": conv_flops / conv_s_per_img / 1e9, "ratio_convs_only": eng / base / share}
     return {"benchmark": "train-throughput", "model": model_name, "engine_img_s": eng, "baseline_img_s": base,
             "ratio": eng / base, "flops_per_image": flops, "engine_gflop_s": eng * flops / 1e9,
             "baseline_gflop_s": base * flops / 1e9, "gemm_gflop_s": gemm / 1e9, "gemm_dtype": str(gemm_dtype)[6:],
-            "ratio_ceiling": gemm / (base * flops),
+            "ratio_ceiling": gemm / (base * flops), **profiled,
             "steps": args.steps, "batch_size": args.batch, "repeats": args.repeats,
             "engine_settings": {"channels_last": p.channels_last, "bf16": p.bf16 and device.type == "cuda",
                                 "compile": p.compile, "threads": torch.get_num_threads()}}
@@ -251,8 +274,8 @@ def _settings(r: dict) -> str:
 
 
 def _opt(r: dict, key: str, scale: float = 1.0, digits: int = 0) -> str:
-    """A column that older records lack ("-" there)."""
-    return f"{r[key] * scale:.{digits}f}" if key in r else "-"
+    """A column that older records (or GPU records) lack ("-" there)."""
+    return f"{r[key] * scale:.{digits}f}" if r.get(key) is not None else "-"
 
 
 # Per benchmark: the section heading and its columns (header, cell of a record).
@@ -263,6 +286,9 @@ SECTIONS = {
         ("ratio", lambda r: f"{r['ratio']:.2f}"), ("GFLOP/img", lambda r: _opt(r, "flops_per_image", 1e-9, 3)),
         ("GFLOP/s engine", lambda r: _opt(r, "engine_gflop_s")), ("GFLOP/s baseline", lambda r: _opt(r, "baseline_gflop_s")),
         ("GFLOP/s GEMM", lambda r: _opt(r, "gemm_gflop_s")), ("ratio ceiling", lambda r: _opt(r, "ratio_ceiling", 1, 2)),
+        ("conv share of engine time", lambda r: _opt(r, "engine_conv_share", 1, 2)),
+        ("GFLOP/s engine conv", lambda r: _opt(r, "engine_conv_gflop_s")),
+        ("ratio, convs only", lambda r: _opt(r, "ratio_convs_only", 1, 2)),
         ("steps x batch", lambda r: f"{r['steps']} x {r['batch_size']}"),
         ("engine settings", _settings), ("machine", lambda r: r["machine"]), ("date", lambda r: r["date"])]),
     "score-throughput": ("Scoring throughput (against plain forward passes, and as a share of engine training)", [
@@ -338,6 +364,10 @@ def main() -> None:
                   f"img/s  ratio {t['ratio']:.2f}  ({t['flops_per_image'] / 1e9:.3f} GFLOP/img: engine "
                   f"{t['engine_gflop_s']:.0f}, baseline {t['baseline_gflop_s']:.0f}, {t['gemm_dtype']} GEMM "
                   f"{t['gemm_gflop_s']:.0f} GFLOP/s; ratio ceiling {t['ratio_ceiling']:.2f})", flush=True)
+            if "engine_conv_share" in t:
+                print(f"         {name:<10} convolutions {t['engine_conv_share']:.0%} of the engine's time at "
+                      f"{t['engine_conv_gflop_s']:.0f} GFLOP/s; ratio if nothing else took time "
+                      f"{t['ratio_convs_only']:.2f}", flush=True)
             if "train" in which:
                 new.append(t)
             if "score" in which:

@@ -36,6 +36,9 @@ def test_benchmark_writes_train_score_and_scaling_records(tmp_path):
     assert train["engine_gflop_s"] == pytest.approx(train["engine_img_s"] * train["flops_per_image"] / 1e9)
     assert train["gemm_gflop_s"] > 0 and train["gemm_dtype"] == "float32"
     assert train["ratio_ceiling"] == pytest.approx(train["gemm_gflop_s"] / train["baseline_gflop_s"])
+    assert train["conv_flops_per_image"] == 2 * sum(macs[:-1]) * 3 - 2 * macs[0]
+    assert 0 < train["engine_conv_share"] < 1 and train["engine_conv_gflop_s"] > 0
+    assert train["ratio_convs_only"] == pytest.approx(train["ratio"] / train["engine_conv_share"])
     assert {r["score"] for r in by["score-throughput"]} == {"meca_kl", "adv_sce"}
     for r in by["score-throughput"]:
         assert r["ratio"] == r["engine_img_s"] / r["baseline_img_s"]
