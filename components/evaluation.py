@@ -16,10 +16,13 @@ SCORE_DIRECTION = {"kl": -1, "enhanced_loss": -1, "sce": -1, "adv_sce": -1}
 
 
 def model_metrics(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, trig_x: torch.Tensor,
-                  trig_target: np.ndarray) -> dict:
-    net, _ = artifacts.load_model(model_dir)
-    return {"acc": metrics.accuracy(engine.predict(net, test_x).argmax(1).numpy(), test_y),
-            "asr": metrics.attack_success_rate(engine.predict(net, trig_x).argmax(1).numpy(), trig_target)}
+                  trig_target: np.ndarray, target: int) -> dict:
+    """ACC, ASR (None without a trigger), and per-class, target-class ACC and the share predicted as the target."""
+    net, meta = artifacts.load_model(model_dir)
+    pred = engine.predict(net, test_x).argmax(1).numpy()
+    asr = metrics.attack_success_rate(engine.predict(net, trig_x).argmax(1).numpy(), trig_target) if len(trig_x) else None
+    return {"acc": metrics.accuracy(pred, test_y), "asr": asr,
+            **metrics.target_figures(pred, test_y, target, len(meta["classes"]))}
 
 
 def robust_accuracy(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, *, eps: float, step: float, steps: int,
@@ -52,10 +55,16 @@ def score_metrics(score_table: Path, is_poison: np.ndarray) -> dict:
     return out
 
 
-def split_metrics(split: Path, samples: dict) -> dict:
+def split_metrics(split: Path, samples: dict, target: int | None = None) -> dict:
+    """Pool sizes and poison rates, detection quality, relabel accuracy; with `target`, how many clean samples of the
+    target class (true label = target, not poison) each pool holds: a pool that drops them drops the class."""
     table = artifacts.read_table(split, SPLIT_SCHEMA)
     is_poison = samples["is_poison"][table["sample_id"]]
     out = {pool: metrics.pool_stats(table["pool"] == pool, is_poison) for pool in np.unique(table["pool"])}
+    if target is not None:
+        clean_target = (samples["true_label"][table["sample_id"]] == target) & ~is_poison
+        for pool in np.unique(table["pool"]):
+            out[pool]["clean_target"] = int((clean_target & (table["pool"] == pool)).sum())
     out["detection"] = metrics.detection(table["pool"] != "clean", is_poison)
     relabelled = table["relabel"] >= 0
     if relabelled.any():  # relabel accuracy against the true label, on poison and on clean samples

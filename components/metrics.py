@@ -9,13 +9,32 @@ def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(pred) == np.asarray(labels)).mean()) if len(labels) else float("nan")
 
 
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float]:
+    """Clean accuracy on each class's own test images (NaN for a class with no test image)."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    return [accuracy(pred[labels == k], labels[labels == k]) for k in range(num_classes)]
+
+
+def target_figures(pred: np.ndarray, labels: np.ndarray, target: int, num_classes: int) -> dict:
+    """What a low ASR can hide (DESIGN.md, Metrics): per-class ACC, the target class's own clean ACC, and the share
+    of all clean test images predicted as the target (0.1 for a balanced 10-class model; near 0 when the model
+    has given the target class up, high when it is biased toward it)."""
+    per_class = per_class_accuracy(pred, labels, num_classes)
+    return {"per_class_acc": per_class, "target_acc": per_class[target],
+            "pred_target_share": float((np.asarray(pred) == target).mean()) if len(pred) else float("nan")}
+
+
 def attack_success_rate(pred_triggered: np.ndarray, attacker_labels: np.ndarray) -> float:
-    """Share of triggered test images (true label != target) classified as the attacker's label."""
-    return accuracy(pred_triggered, attacker_labels)
+    """Share of triggered test images (true label != target) classified as the attacker's label; None when there is
+    no trigger (no attack)."""
+    return accuracy(pred_triggered, attacker_labels) if len(attacker_labels) else None
 
 
-def der(acc_nodef: float, asr_nodef: float, acc_def: float, asr_def: float) -> float:
-    """Defense effectiveness rating (BackdoorBench; BSD appendix C.5): in [0, 1], 0.5 = no change."""
+def der(acc_nodef: float, asr_nodef: float | None, acc_def: float, asr_def: float | None) -> float | None:
+    """Defense effectiveness rating (BackdoorBench; BSD appendix C.5): in [0, 1], 0.5 = no change. None without an
+    attack (no ASR): what a defense costs on clean data is its ACC drop, reported as it is."""
+    if asr_nodef is None or asr_def is None:
+        return None
     return (max(0.0, asr_nodef - asr_def) - max(0.0, acc_nodef - acc_def) + 1) / 2
 
 

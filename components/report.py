@@ -32,7 +32,8 @@ def curves(histories: dict[str, list[dict]], path: Path) -> None:
         if hist and "test_acc" in hist[0]:
             epochs = [h["epoch"] + 1 for h in hist]
             line, = ax.plot(epochs, [h["test_acc"] for h in hist], label=f"{name} ACC")
-            ax.plot(epochs, [h["test_asr"] for h in hist], "--", color=line.get_color(), label=f"{name} ASR")
+            if "test_asr" in hist[0]:
+                ax.plot(epochs, [h["test_asr"] for h in hist], "--", color=line.get_color(), label=f"{name} ASR")
     ax.set_xlabel("epoch")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
@@ -42,7 +43,7 @@ def curves(histories: dict[str, list[dict]], path: Path) -> None:
 
 
 def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
 
 def markdown(m: dict, plots: list[str]) -> str:
@@ -53,18 +54,30 @@ def markdown(m: dict, plots: list[str]) -> str:
              f"({m['poison_samples']} poisoned), {m['test_samples']} test images.", "",
              "## Models", ""]
     robust = any("ra" in r for r in m["models"].values())  # RA: robust accuracy under PGD (A-ABL)
-    lines += ["| model | ACC | ASR | DER |" + (" RA |" if robust else ""), "| --- | --- | --- | --- |" + (" --- |" if robust else "")]
+    target = attack["target"]
+    lines += [f"| model | ACC | ASR | DER | target-class ACC (class {target}) | share predicted as {target} |"
+              + (" RA |" if robust else ""), "| --- | --- | --- | --- | --- | --- |" + (" --- |" if robust else "")]
     for name, r in m["models"].items():
-        lines.append(f"| {name} | {r['acc']:.4f} | {r['asr']:.4f} | {_fmt(r.get('der', '-'))} |"
+        lines.append(f"| {name} | {r['acc']:.4f} | {_fmt(r['asr'])} | {_fmt(r.get('der', '-'))} | "
+                     f"{_fmt(r['target_acc'])} | {_fmt(r['pred_target_share'])} |"
                      + (f" {_fmt(r.get('ra', '-'))} |" if robust else ""))
+    names = list(m["models"])
+    lines += ["", "### Clean accuracy per class", "", "| class | " + " | ".join(names) + " |",
+              "| --- |" + " --- |" * len(names)]
+    classes = m.get("classes") or [str(k) for k in range(len(m["models"][names[0]]["per_class_acc"]))]
+    for k, c in enumerate(classes):
+        mark = " (target)" if k == target else ""
+        lines.append(f"| {k} {c}{mark} | " + " | ".join(_fmt(m["models"][n]["per_class_acc"][k]) for n in names) + " |")
     if m.get("splits"):
         lines += ["", "## Splits against ground truth", "",
                   "| split | TPR | FPR | precision | clean pool size | clean pool share (gamma) | poison in clean pool | "
-                  "poison rate of clean pool (rho) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "poison rate of clean pool (rho) | clean target-class samples per pool |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, s in m["splits"].items():
             d, c = s["detection"], s.get("clean", {"size": 0, "poison": 0, "share": 0.0, "poison_rate": float("nan")})
             lines.append(f"| {name} | {_fmt(d['tpr'])} | {_fmt(d['fpr'])} | {_fmt(d['precision'])} | {c['size']} | "
-                         f"{_fmt(c['share'])} | {c['poison']} | {_fmt(c['poison_rate'])} |")
+                         f"{_fmt(c['share'])} | {c['poison']} | {_fmt(c['poison_rate'])} | "
+                         + ", ".join(f"{p}: {v['clean_target']}" for p, v in s.items() if isinstance(v, dict) and "clean_target" in v) + " |")
     if m.get("scores"):
         lines += ["", "## Scores", "", "| score | AUROC (poison-like side) | clean mean | poison mean |",
                   "| --- | --- | --- | --- |"]

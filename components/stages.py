@@ -98,7 +98,8 @@ class Monitor:
 
     def __call__(self, epoch: int, model, record: dict) -> None:
         record["test_acc"] = float((engine.predict(model, self.x).argmax(1).numpy() == self.y).mean())
-        record["test_asr"] = float((engine.predict(model, self.trig).argmax(1).numpy() == self.target).mean())
+        if len(self.trig):  # no trigger without an attack
+            record["test_asr"] = float((engine.predict(model, self.trig).argmax(1).numpy() == self.target).mean())
         model.train()
 
 
@@ -273,16 +274,16 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
     trig, target = atk.test_inputs(test)
     table = artifacts.read_table(samples, SAMPLE_SCHEMA)
     x, trig_x = torch.from_numpy(test.images), torch.from_numpy(trig)
-    m = {**(info or {}), "attack": atk.spec(), "train_samples": len(table["sample_id"]),
+    m = {**(info or {}), "attack": atk.spec(), "classes": list(test.classes), "train_samples": len(table["sample_id"]),
          "poison_samples": int(table["is_poison"].sum()), "test_samples": len(test),
-         "models": {name: evaluation.model_metrics(d, x, test.labels, trig_x, target) for name, d in models.items()}}
+         "models": {name: evaluation.model_metrics(d, x, test.labels, trig_x, target, atk.target) for name, d in models.items()}}
     p = pgd or AablParams()
     for name in robust:
         m["models"][name]["ra"] = evaluation.robust_accuracy(models[name], x, test.labels, eps=p.ra_eps,
                                                              step=p.ra_step, steps=p.ra_steps)
     if reference is not None:
         ref = m["models"][reference]
-        m["nodef_acc"], m["nodef_asr"] = ref["acc"], ref["asr"]
+        m["nodef_acc"], m["nodef_asr"], m["nodef_target_acc"] = ref["acc"], ref["asr"], ref["target_acc"]
         for name, r in m["models"].items():
             if name != reference:
                 r["der"] = metrics.der(ref["acc"], ref["asr"], r["acc"], r["asr"])
@@ -296,7 +297,7 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
             if col not in SCORE_SCHEMA:
                 report.score_histogram(cols[col], table["is_poison"][cols["sample_id"]], col, out / "plots" / f"{col}.png")
                 plots.append(f"plots/{col}.png")
-    m["splits"] = {name: evaluation.split_metrics(p, table) for name, p in (splits or {}).items()}
+    m["splits"] = {name: evaluation.split_metrics(p, table, atk.target) for name, p in (splits or {}).items()}
     if rounds is not None:
         m["rounds"] = evaluation.round_metrics(rounds, table)
     histories = {name: artifacts.read_json(Path(d) / "history.json") for name, d in models.items()
@@ -305,14 +306,18 @@ def evaluate(out: Path, *, data: str, attack_json: Path, samples: Path, models: 
         report.curves(histories, out / "plots" / "curves.png")
         plots.append("plots/curves.png")
     head = m["models"][defended]
-    m.update({"acc": head["acc"], "asr": head["asr"], "der": head.get("der"), **({"ra": head["ra"]} if "ra" in head else {})})
+    m["defended"] = defended
+    m.update({"acc": head["acc"], "asr": head["asr"], "der": head.get("der"), "target_acc": head["target_acc"],
+              "pred_target_share": head["pred_target_share"], **({"ra": head["ra"]} if "ra" in head else {})})
     if detection_split is not None:
         last = m["splits"][detection_split]["detection"]
-        m.update({"detection_tpr": last["tpr"], "detection_fpr": last["fpr"], "detection_precision": last["precision"]})
+        m.update({"detection_tpr": last["tpr"], "detection_fpr": last["fpr"], "detection_precision": last["precision"],
+                  "flagged_share": 1 - m["splits"][detection_split].get("clean", {"share": 0.0})["share"]})
     artifacts.write_json(m, out / "metrics.json")
     with artifacts.atomic_path(out / "report.md") as tmp:
         tmp.write_text(report.markdown(m, plots))
-    return {"acc": m["acc"], "asr": m["asr"], **({"der": m["der"]} if m["der"] is not None else {}),
+    return {"acc": m["acc"], "target_acc": m["target_acc"], **({"asr": m["asr"]} if m["asr"] is not None else {}),
+            **({"der": m["der"]} if m["der"] is not None else {}),
             **({"ra": m["ra"]} if "ra" in m else {})}
 
 

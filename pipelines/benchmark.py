@@ -53,13 +53,19 @@ def records_from_run(m: dict, run: str, include_none: bool) -> list[dict]:
         stages = m["stages"]
         train_stage = stages.get("train") or stages["warmup"]
         out.append({**base, "defense": "none", "acc": ref["acc"], "asr": ref["asr"], "der": None,
+                    "target_acc": ref["target_acc"], "pred_target_share": ref["pred_target_share"],
+                    "per_class_acc": ref["per_class_acc"],
                     **({"ra": ref["ra"]} if "ra" in ref else {}),
                     "detection_tpr": None, "detection_fpr": None,
                     "wall_seconds": stages["poison"]["seconds"] + train_stage["seconds"],
                     **({"source": f"warm-up stage of the {m['defense']} run"} if m["defense"] != "none" else {})})
     if m["defense"] != "none":
         relabelled = m["models"].get("relabelled", {})
+        head = m["models"][m["defended"]]
         out.append({**base, "defense": m["defense"], "acc": m["acc"], "asr": m["asr"], "der": m["der"],
+                    "target_acc": m["target_acc"], "nodef_target_acc": m.get("nodef_target_acc"),
+                    "pred_target_share": m["pred_target_share"], "per_class_acc": head["per_class_acc"],
+                    "flagged_share": m.get("flagged_share"),
                     "detection_tpr": m.get("detection_tpr"), "detection_fpr": m.get("detection_fpr"),
                     "detection_precision": m.get("detection_precision"), "wall_seconds": m["wall_seconds"],
                     "nodef_acc": m.get("nodef_acc"), "nodef_asr": m.get("nodef_asr"),
@@ -92,10 +98,12 @@ def table(records: list[dict]) -> str:
     def f(v):
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
-    lines = ["| attack | defense | ACC | ASR | DER | RA | TPR | FPR | ACC relabel | ASR relabel | gamma | rho_vul | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| attack | defense | ACC | ASR | DER | target ACC | RA | TPR | FPR | ACC relabel | ASR relabel | gamma | "
+             "rho_vul | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         lines.append(f"| {r['attack']} | {r['defense']} | {f(r['acc'])} | {f(r['asr'])} | {f(r['der'])} | "
+                     f"{f(r.get('target_acc'))} | "
                      f"{f(r.get('ra'))} | {f(r['detection_tpr'])} | {f(r['detection_fpr'])} | "
                      f"{f(r.get('acc_relabel'))} | {f(r.get('asr_relabel'))} | {f(r.get('gamma'))} | "
                      f"{f(r.get('rho_vul'))} | {r['wall_seconds']:.0f} |")
@@ -129,6 +137,7 @@ def main(args) -> None:
             with artifacts.atomic_path(path.with_suffix(".md")) as tmp:
                 tmp.write_text(f"# {args.protocol} reference protocol\n\n" + table(records))
             for r in new:
-                print(f"{r['attack']:<8} {r['defense']:<6} ACC {r['acc']:.4f} ASR {r['asr']:.4f} "
+                asr = "-" if r["asr"] is None else f"{r['asr']:.4f}"
+                print(f"{r['attack']:<8} {r['defense']:<6} ACC {r['acc']:.4f} ASR {asr} target ACC {r['target_acc']:.4f} "
                       f"wall {r['wall_seconds']:.0f} s", flush=True)
     print(f"results: {path}")

@@ -34,7 +34,8 @@ def summary_table(m: dict) -> str:
     models = m["models"]
     rows = [("no defense", models["nodef"])]
     if m["defense"] != "none":
-        rows.append((m["defense"], {"acc": m["acc"], "asr": m["asr"], "der": m.get("der"), "ra": m.get("ra")}))
+        rows.append((m["defense"], {"acc": m["acc"], "asr": m["asr"], "der": m.get("der"), "ra": m.get("ra"),
+                                    "target_acc": m["target_acc"]}))
         if "relabelled" in models:
             rows.append((f"{m['defense']} + relabel", models["relabelled"]))
     robust = any(r.get("ra") is not None for _, r in rows)
@@ -42,9 +43,12 @@ def summary_table(m: dict) -> str:
     def cell(v):
         return f"{'' if v is None else f'{v:7.4f}':>7}"
 
-    lines = [f"{'model':<18} {'ACC':>7} {'ASR':>7} {'DER':>7}" + (f" {'RA':>7}" if robust else "")]
-    lines += [f"{name:<18} {r['acc']:7.4f} {r['asr']:7.4f} {cell(r.get('der'))}" + (f" {cell(r.get('ra'))}" if robust else "")
-              for name, r in rows]
+    target = m["attack"]["target"]
+    lines = [f"{'model':<18} {'ACC':>7} {'ASR':>7} {'DER':>7} {f'ACC({target})':>7}" + (f" {'RA':>7}" if robust else "")]
+    lines += [f"{name:<18} {r['acc']:7.4f} {cell(r['asr'])} {cell(r.get('der'))} {cell(r['target_acc'])}"
+              + (f" {cell(r.get('ra'))}" if robust else "") for name, r in rows]
+    lines.append(f"ACC({target}): clean test accuracy on class {target} ({m['classes'][target]}), the attack's target; "
+                 f"a low ASR with a low ACC({target}) is a lost class, not a removed backdoor")
     if m.get("detection_tpr") is not None:
         lines.append(f"detection: TPR {m['detection_tpr']:.4f}  FPR {m['detection_fpr']:.4f}  "
                      f"precision {m['detection_precision']:.4f}")

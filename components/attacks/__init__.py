@@ -6,13 +6,14 @@ from ..errors import UnpoisonError
 from .badnets import BadNets
 from .base import Attack, Poisoned, StaticTrigger
 from .blend import Blend
+from .none import NoAttack
 from .sig import SIG
 from .trojan import Trojan
 from .wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blend": Blend, "sig": SIG, "trojan": Trojan, "wanet": WaNet}
+ATTACKS: dict[str, type[Attack]] = {"none": NoAttack, "badnets": BadNets, "blend": Blend, "sig": SIG, "trojan": Trojan, "wanet": WaNet}
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "Blend", "Poisoned", "SIG", "StaticTrigger", "Trojan", "WaNet", "attack_from_spec", "build_attack"]
+__all__ = ["ATTACKS", "Attack", "BadNets", "Blend", "NoAttack", "Poisoned", "SIG", "StaticTrigger", "Trojan", "WaNet", "attack_from_spec", "build_attack"]
 
 
 def build_attack(name: str, *, target: int, rate: float, seed: int, num_classes: int, **params) -> Attack:
