@@ -25,6 +25,7 @@ from components.models import build_model
 # Column -> Arrow type of each table kind (DESIGN.md, Artifacts). Score tables add one float column per score.
 SAMPLE_SCHEMA = {"sample_id": pa.int64(), "label": pa.int64(), "true_label": pa.int64(), "is_poison": pa.bool_(),
                  "is_cover": pa.bool_()}
+SOURCES_SCHEMA = {"sample_id": pa.int64(), "source": pa.string(), "label": pa.int64()}  # where each sample came from
 SCORE_SCHEMA = {"sample_id": pa.int64(), "model_ref": pa.string(), "epoch": pa.int64()}
 SPLIT_SCHEMA = {"sample_id": pa.int64(), "pool": pa.string(), "relabel": pa.int64()}
 ROUNDS_SCHEMA = {"sample_id": pa.int64(), "round": pa.int64(), "kl": pa.float64(), "kept": pa.bool_(),

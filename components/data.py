@@ -15,10 +15,19 @@
   matches are not downloaded again).
 
 Sources with no notion of a split (one ``.parquet`` or ``.npz`` file, an image folder without split
-subfolders) return all their images whatever `split` asks for; `load_train_test` refuses them.
+subfolders) return all their images whatever `split` asks for; `load_train_test` refuses them, and
+`has_test_split` tells which kind a source is without decoding any image.
 Images are always decoded to RGB (C = 3). Class names come, in this order, from the file's metadata
 (``classes``, as `save_parquet` and `save_npz` write them, or a Hugging Face ``ClassLabel``), from the
 CIFAR-10 names when there are 10 classes, or are ``"0" .. "K-1"``.
+
+Every loaded sample keeps where it came from in `ImageSet.sources`, so that a suspect can be found by name:
+an image folder gives the file path relative to the folder passed (``train/airplane/0001.png``), Parquet
+``<file name>:<row in that file>`` (``train-00000-of-00005.parquet:17``; the shipped sample
+``sample/train.parquet:17``), an .npz ``<file name>:<row>``, the CIFAR-10 release ``<batch file>:<row in it>``.
+
+`load_ground_truth` reads the ground truth a delivered data set may carry (``is_poison``, ``true_label``):
+optional Parquet columns, or the ``samples.parquet`` that unpoison's poison stage writes beside its .npz.
 
 `save_parquet` and `save_npz` write atomically (temporary file in the same folder, then `os.replace`)
 and record the content hash; loading checks it, so a file changed after it was written is reported.
@@ -59,12 +68,17 @@ class ImageSet:
     labels: np.ndarray  # int64, (N,)
     classes: tuple[str, ...]
     _hash: list = field(default_factory=list, repr=False, compare=False)
+    sources: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # where each sample came from
 
     def __post_init__(self):
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"labels must have shape ({len(self.images)},), got {self.labels.shape}")
+        if self.sources is not None:
+            object.__setattr__(self, "sources", tuple(self.sources))  # frozen: a list passed in becomes a tuple
+            if len(self.sources) != len(self.images):
+                raise ValueError(f"sources must name {len(self.images)} samples, got {len(self.sources)}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -84,7 +98,12 @@ class ImageSet:
         return self._hash[0]
 
     def subset(self, index) -> "ImageSet":
-        return ImageSet(np.ascontiguousarray(self.images[index]), self.labels[index].astype(np.int64), self.classes)
+        """The samples at `index` (slice, integer array or boolean mask), with their sources."""
+        sources = None
+        if self.sources is not None:
+            sources = tuple(self.sources[i] for i in np.arange(len(self))[index].tolist())
+        return ImageSet(np.ascontiguousarray(self.images[index]), self.labels[index].astype(np.int64), self.classes,
+                        sources=sources)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,8 +143,10 @@ def load_train_test(source: str | os.PathLike, size: int | None = None) -> tuple
             else:
                 classes = _default_classes(np.concatenate([train.labels, test.labels]))
             where = f"'{source}'"
-            train = ImageSet(train.images, train.labels, _check_labels(train.labels, classes, where))
-            test = ImageSet(test.images, test.labels, _check_labels(test.labels, classes, where))
+            train, test = (
+                ImageSet(ds.images, ds.labels, _check_labels(ds.labels, classes, where), sources=ds.sources)
+                for ds in (train, test)
+            )
     if test.classes != train.classes:
         raise UnpoisonError(
             f"train and test splits of '{source}' name different classes ({list(train.classes)} vs "
@@ -137,6 +158,49 @@ def load_train_test(source: str | os.PathLike, size: int | None = None) -> tuple
             f"{_shape_str(test.images.shape[1:])} in '{source}'; pass size=N to resize both to N x N"
         )
     return train, test
+
+
+def has_test_split(source: str | os.PathLike) -> bool:
+    """Whether `source` holds a test split beside its training split; looks at file names only, decodes nothing."""
+    path = _local(source)
+    if path == SAMPLE:
+        return (sample_dir() / "test.parquet").is_file()
+    if path.is_file():  # one .parquet or .npz file: one split
+        return False
+    release = _cifar_release_dir(path)
+    if release is not None:
+        return (release / "test_batch").is_file()
+    if _has_parquet(path):
+        return bool(_parquet_candidates(path, "test"))
+    return (path / "test").is_dir()  # an image folder with split subfolders
+
+
+def load_ground_truth(source: str | os.PathLike, split: str = "train") -> dict[str, np.ndarray] | None:
+    """Ground truth a delivered data set carries: {"is_poison": bool (N,), "true_label": int64 (N,)}, or None.
+
+    Read from optional ``is_poison`` (and ``true_label``) columns of the split's Parquet files, without decoding
+    images, or from the ``samples.parquet`` that unpoison's poison stage writes beside its .npz. Rows follow the
+    order of `load_images(source, split)`; ``true_label`` defaults to the delivered labels.
+    """
+    uri = str(source)
+    path = _local(source)
+    if path == SAMPLE:
+        return _parquet_truth([_sample_file(split)])
+    if path.is_file():
+        if path.suffix.lower() == ".parquet":
+            return _parquet_truth([path])
+        if path.suffix.lower() == ".npz":
+            if uri.startswith("s3://"):  # the sample table is a separate object beside the .npz
+                from components.store import Store, fetch
+
+                store, beside = Store.from_env(), uri.rsplit("/", 1)[0] + "/samples.parquet"
+                if store.exists(beside):
+                    fetch(beside, store=store)
+            return _npz_truth(path)
+        return None
+    if _cifar_release_dir(path) is None and _has_parquet(path):
+        return _parquet_truth(_parquet_shards(path, split))
+    return None  # the CIFAR-10 release and image folders carry no ground truth
 
 
 def save_npz(ds: ImageSet, path: str | os.PathLike) -> Path:
@@ -205,29 +269,39 @@ def write_png_parquet(
 # dispatch
 
 
-def _load(source: str | os.PathLike, split: str, size: int | None) -> tuple[ImageSet, bool]:
-    """(data set, whether the source has separate splits)."""
-    if size is not None and (not isinstance(size, int) or size < 1):
-        raise UnpoisonError(f"image size {size!r} is not a positive integer; pass size=N with N >= 1, e.g. 32")
+def _local(source: str | os.PathLike) -> str | Path:
+    """SAMPLE, or the existing local path of `source` (an s3:// source is fetched into the cache first)."""
     if str(source).startswith("s3://"):
         from components.store import fetch  # imported here: only S3 sources need the store
 
         source = fetch(str(source))
     if isinstance(source, str) and source == SAMPLE:
-        d = sample_dir()
-        f = d / f"{split}.parquet"
-        if not f.is_file():
-            if split not in ("train", "test"):
-                raise UnpoisonError(f"the shipped sample has no '{split}' split; use split 'train' or 'test'")
-            raise UnpoisonError(
-                f"the shipped sample file {split}.parquet is missing from the installed package; "
-                "reinstall unpoison with its package data, or pass --data a folder of CIFAR-10 Parquet shards"
-            )
-        return _load_parquet_files([f], size, where="the shipped sample"), True
-
+        return SAMPLE
     path = Path(source).expanduser()
     if not path.exists():
         raise UnpoisonError(f"data path '{source}' does not exist; {_MISSING_FIX}")
+    return path
+
+
+def _sample_file(split: str) -> Path:
+    f = sample_dir() / f"{split}.parquet"
+    if not f.is_file():
+        if split not in ("train", "test"):
+            raise UnpoisonError(f"the shipped sample has no '{split}' split; use split 'train' or 'test'")
+        raise UnpoisonError(
+            f"the shipped sample file {split}.parquet is missing from the installed package; "
+            "reinstall unpoison with its package data, or pass --data a folder of CIFAR-10 Parquet shards"
+        )
+    return f
+
+
+def _load(source: str | os.PathLike, split: str, size: int | None) -> tuple[ImageSet, bool]:
+    """(data set, whether the source has separate splits)."""
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise UnpoisonError(f"image size {size!r} is not a positive integer; pass size=N with N >= 1, e.g. 32")
+    path = _local(source)
+    if path == SAMPLE:
+        return _load_parquet_files([_sample_file(split)], size, where="the shipped sample", prefix="sample/"), True
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".parquet":
@@ -249,26 +323,31 @@ def _load(source: str | os.PathLike, split: str, size: int | None) -> tuple[Imag
 # Parquet
 
 
+def _has_parquet(root: Path) -> bool:
+    """Whether `root` is a Parquet folder: .parquet files in it, in data/ or in a split subfolder."""
+    places = [root, root / "data", *(root / s for s in SPLIT_NAMES)]
+    return any(p.is_dir() and any(p.glob("*.parquet")) for p in places)
+
+
+def _parquet_candidates(root: Path, split: str) -> list[Path]:
+    """Parquet files of `split` under `root` in name order (empty if none), as `_parquet_shards` finds them."""
+    for place in (root, root / "data"):
+        if place.is_dir():
+            found = sorted(
+                p for p in place.glob("*.parquet") if p.name == f"{split}.parquet" or p.name.startswith(f"{split}-")
+            )
+            if found:
+                return found
+    return sorted((root / split).glob("*.parquet")) if (root / split).is_dir() else []
+
+
 def _parquet_shards(root: Path, split: str) -> list[Path] | None:
     """Shards of `split` under `root` in name order; None if `root` holds no Parquet at all."""
-    places = [root, root / "data"]
-    if not any(p.is_dir() and any(p.glob("*.parquet")) for p in places) and not any(
-        (root / s).is_dir() and any((root / s).glob("*.parquet")) for s in SPLIT_NAMES
-    ):
+    if not _has_parquet(root):
         return None
-    candidates: list[Path] = []
-    for place in places:
-        if not place.is_dir():
-            continue
-        candidates = sorted(
-            p for p in place.glob("*.parquet") if p.name == f"{split}.parquet" or p.name.startswith(f"{split}-")
-        )
-        if candidates:
-            break
-    if not candidates and (root / split).is_dir():
-        candidates = sorted((root / split).glob("*.parquet"))
+    candidates = _parquet_candidates(root, split)
     if not candidates:
-        found = sorted(p.name for place in places if place.is_dir() for p in place.glob("*.parquet"))
+        found = sorted(p.name for place in (root, root / "data") if place.is_dir() for p in place.glob("*.parquet"))
         found += sorted(f"{s}/" for s in SPLIT_NAMES if (root / s).is_dir())
         raise UnpoisonError(
             f"no '{split}' split in Parquet folder '{root}' (found {', '.join(found[:6])}"
@@ -306,7 +385,8 @@ def _parquet_classes(metadata: dict | None) -> tuple[str, ...] | None:
     return None
 
 
-def _load_parquet_files(files: Sequence[Path], size: int | None, where: str) -> ImageSet:
+def _load_parquet_files(files: Sequence[Path], size: int | None, where: str, prefix: str = "") -> ImageSet:
+    """Decode the images of `files` in order; each sample's source is ``<prefix><file name>:<row in that file>``."""
     import pyarrow.parquet as pq
 
     tables, classes = [], None
@@ -356,7 +436,8 @@ def _load_parquet_files(files: Sequence[Path], size: int | None, where: str) -> 
         labels_list.append(col.to_numpy().astype(np.int64))
     labels = np.concatenate(labels_list)
     classes = _check_labels(labels, classes, where)
-    ds = ImageSet(images, labels, classes)
+    sources = tuple(f"{prefix}{f.name}:{i}" for f, table, _, _ in tables for i in range(table.num_rows))
+    ds = ImageSet(images, labels, classes, sources=sources)
 
     if size is None:  # check recorded hashes (resizing changes the pixels, so skip them then)
         start = 0
@@ -367,6 +448,32 @@ def _load_parquet_files(files: Sequence[Path], size: int | None, where: str) -> 
                 _check_hash(part, recorded, f)
             start = stop
     return ds
+
+
+def _parquet_truth(files: Sequence[Path]) -> dict[str, np.ndarray] | None:
+    """Optional ``is_poison`` / ``true_label`` columns of `files`, read without the images; None if absent."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    names = [set(pq.read_schema(f).names) for f in files]
+    with_truth = [f.name for f, cols in zip(files, names) if "is_poison" in cols]
+    if not with_truth:
+        return None
+    if len(with_truth) != len(files):
+        raise UnpoisonError(
+            f"only {len(with_truth)} of {len(files)} Parquet files ({', '.join(with_truth[:3])}) have an is_poison "
+            "column; give every file of the split an is_poison column, or drop it from all of them"
+        )
+    is_poison, true_label = [], []
+    for f, cols in zip(files, names):
+        table = pq.read_table(f, columns=[c for c in ("label", "is_poison", "true_label") if c in cols])
+        if table.column("is_poison").null_count:
+            raise UnpoisonError(f"Parquet file '{f}' has rows with no is_poison value; give every row true or false")
+        label = table.column("label").cast("int64")
+        truth = pc.fill_null(table.column("true_label").cast("int64"), label) if "true_label" in cols else label
+        is_poison.append(table.column("is_poison").to_numpy().astype(bool))
+        true_label.append(truth.to_numpy())  # a missing true label counts as the delivered one
+    return {"is_poison": np.concatenate(is_poison), "true_label": np.concatenate(true_label)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,7 +563,8 @@ def _load_cifar_release(root: Path, split: str) -> ImageSet:
         start += len(data)
     labels = np.concatenate([lab for _, lab in parts])
     classes = _check_labels(labels, classes or None, f"'{root}'")
-    return ImageSet(images, labels, classes)
+    sources = tuple(f"{name}:{i}" for name, (data, _) in zip(names, parts) for i in range(len(data)))
+    return ImageSet(images, labels, classes, sources=sources)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,7 +612,8 @@ def _load_image_folder(root: Path, split: str, size: int | None) -> tuple[ImageS
             f"image folder '{base}' holds no images; add .png, .jpg, .jpeg, .ppm or .bmp files under {base.name}/<class>/"
         )
     images = _decode_all(((f, f"'{f}'") for f in files), len(files), size, f"image folder '{base}'", folder=True)
-    return ImageSet(images, np.asarray(labels, dtype=np.int64), tuple(classes)), has_splits
+    sources = tuple(f.relative_to(root).as_posix() for f in files)  # e.g. train/airplane/0001.png
+    return ImageSet(images, np.asarray(labels, dtype=np.int64), tuple(classes), sources=sources), has_splits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,10 +645,47 @@ def _load_npz(path: Path) -> ImageSet:
     if len(labels) == 0:
         raise UnpoisonError(f".npz file '{path}' holds no images; pass a data set with at least one image")
     labels = labels.astype(np.int64)
-    ds = ImageSet(np.ascontiguousarray(images), labels, _check_labels(labels, classes, f"'{path}'"))
+    sources = tuple(f"{path.name}:{i}" for i in range(len(labels)))
+    ds = ImageSet(np.ascontiguousarray(images), labels, _check_labels(labels, classes, f"'{path}'"), sources=sources)
     if recorded:
         _check_hash(ds, recorded, path)
     return ds
+
+
+def _npz_truth(path: Path) -> dict[str, np.ndarray] | None:
+    """Ground truth from the ``samples.parquet`` beside an .npz (as the poison stage writes it); None if absent."""
+    import pyarrow.parquet as pq
+
+    table_path = path.parent / "samples.parquet"
+    if not table_path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            labels = z["labels"].astype(np.int64)  # only the labels are read, not the images
+    except Exception as e:
+        raise UnpoisonError(
+            f"cannot read the labels of .npz file '{path}' ({_one_line(e)}); write it again with save_npz"
+        )
+    table = pq.read_table(table_path)
+    if "is_poison" not in table.column_names:
+        raise UnpoisonError(
+            f"sample table '{table_path}' has columns {table.column_names} but no is_poison; write it with the "
+            "poison stage (sample_id, label, true_label, is_poison, is_cover) or move it away from the .npz"
+        )
+    if table.num_rows != len(labels):
+        raise UnpoisonError(
+            f"sample table '{table_path}' has {table.num_rows} rows but '{path.name}' holds {len(labels)} samples; "
+            "put the sample table written with this .npz beside it, or remove the stale one"
+        )
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    order = np.argsort(cols["sample_id"], kind="stable") if "sample_id" in cols else np.arange(len(labels))
+    if "sample_id" in cols and not np.array_equal(cols["sample_id"][order], np.arange(len(labels))):
+        raise UnpoisonError(
+            f"sample table '{table_path}' has sample ids other than 0..{len(labels) - 1}; "
+            "put the sample table written with this .npz beside it"
+        )
+    true_label = cols["true_label"][order].astype(np.int64) if "true_label" in cols else labels
+    return {"is_poison": cols["is_poison"][order].astype(bool), "true_label": true_label}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,7 +734,7 @@ def _resize_array_set(ds: ImageSet, size: int | None) -> ImageSet:
     for i, img in enumerate(ds.images):
         im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         out[i] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR)).reshape(size, size, -1)
-    return ImageSet(out, ds.labels, ds.classes)
+    return ImageSet(out, ds.labels, ds.classes, sources=ds.sources)
 
 
 def _check_labels(labels: np.ndarray, classes: tuple[str, ...] | None, where: str) -> tuple[str, ...]:

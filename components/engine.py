@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from components.config import TrainParams
+from components.params import TrainParams
 
 # (logits, labels, sample indices) -> per-sample loss, shape (B,)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

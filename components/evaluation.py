@@ -11,10 +11,6 @@ import torch
 from components import artifacts, engine, metrics, scores
 from components.artifacts import ROUNDS_SCHEMA, SAMPLE_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
 
-# Which way each score points: -1 = a low score means poison-like (robust, fitted), +1 = a high score does.
-SCORE_DIRECTION = {"kl": -1, "enhanced_loss": -1, "sce": -1, "adv_sce": -1}
-
-
 def model_metrics(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, trig_x: torch.Tensor,
                   trig_target: np.ndarray, target: int) -> dict:
     """ACC, ASR (None without a trigger), and per-class, target-class ACC and the share predicted as the target."""
@@ -42,13 +38,15 @@ def robust_accuracy(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, *
     return correct / len(test_y)
 
 
-def score_metrics(score_table: Path, is_poison: np.ndarray) -> dict:
+def score_metrics(score_table: Path, is_poison: np.ndarray, directions: dict[str, int]) -> dict:
+    """AUROC of every score against ground truth, on its poison-like side (`directions`: -1 = a low score means
+    poison-like, as the defense declares it; +1 otherwise)."""
     table = artifacts.read_table(score_table, SCORE_SCHEMA)
     out = {}
     for col in table:
         if col in SCORE_SCHEMA:
             continue
-        direction = SCORE_DIRECTION.get(col, 1)
+        direction = directions.get(col, 1)
         values = table[col].astype(float)
         out[col] = {"auroc": metrics.auroc(direction * values, is_poison[table["sample_id"]]),
                     "clean_mean": float(values[~is_poison].mean()), "poison_mean": float(values[is_poison].mean())}

@@ -12,14 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def score_histogram(values: np.ndarray, is_poison: np.ndarray, name: str, path: Path) -> None:
+def score_histogram(values: np.ndarray, is_poison: np.ndarray | None, name: str, path: Path) -> None:
+    """The score's distribution, clean and poisoned apart when ground truth is known (MeCa's Fig. 4)."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     finite = values[np.isfinite(values)]
     bins = np.histogram_bin_edges(finite, bins=50) if len(finite) else 10
-    ax.hist(values[~is_poison], bins=bins, alpha=0.6, label="clean", density=True)
-    ax.hist(values[is_poison], bins=bins, alpha=0.6, label="poisoned", density=True)
+    if is_poison is None:
+        ax.hist(values, bins=bins, alpha=0.8, label="all samples")
+        ax.set_ylabel("samples")
+    else:
+        ax.hist(values[~is_poison], bins=bins, alpha=0.6, label="clean", density=True)
+        ax.hist(values[is_poison], bins=bins, alpha=0.6, label="poisoned", density=True)
+        ax.set_ylabel("density")
     ax.set_xlabel(name)
-    ax.set_ylabel("density")
+    ax.set_title(f"{name} per training sample")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -46,28 +52,57 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
 
-def markdown(m: dict, plots: list[str]) -> str:
-    attack = m["attack"]
-    lines = [f"# unpoison report: {m['defense']} against {attack['name']}", "",
-             f"Protocol `{m['protocol']}`, model `{m['model']}`, poison rate {attack['rate']}, "
-             f"target class {attack['target']}, {m['train_samples']} training samples "
-             f"({m['poison_samples']} poisoned), {m['test_samples']} test images.", "",
-             "## Models", ""]
-    robust = any("ra" in r for r in m["models"].values())  # RA: robust accuracy under PGD (A-ABL)
-    target = attack["target"]
-    lines += [f"| model | ACC | ASR | DER | target-class ACC (class {target}) | share predicted as {target} |"
-              + (" RA |" if robust else ""), "| --- | --- | --- | --- | --- | --- |" + (" --- |" if robust else "")]
-    for name, r in m["models"].items():
+def _models(models: dict, target: int, classes: list[str]) -> list[str]:
+    """The models table (ACC, ASR, DER, target-class figures, RA) and the per-class clean accuracy table."""
+    robust = any("ra" in r for r in models.values())  # RA: robust accuracy under PGD (A-ABL)
+    lines = ["## Models", "", f"| model | ACC | ASR | DER | target-class ACC (class {target}) | share predicted as "
+             f"{target} |" + (" RA |" if robust else ""), "| --- | --- | --- | --- | --- | --- |" + (" --- |" if robust else "")]
+    for name, r in models.items():
         lines.append(f"| {name} | {r['acc']:.4f} | {_fmt(r['asr'])} | {_fmt(r.get('der', '-'))} | "
                      f"{_fmt(r['target_acc'])} | {_fmt(r['pred_target_share'])} |"
                      + (f" {_fmt(r.get('ra', '-'))} |" if robust else ""))
-    names = list(m["models"])
+    names = list(models)
     lines += ["", "### Clean accuracy per class", "", "| class | " + " | ".join(names) + " |",
               "| --- |" + " --- |" * len(names)]
-    classes = m.get("classes") or [str(k) for k in range(len(m["models"][names[0]]["per_class_acc"]))]
     for k, c in enumerate(classes):
         mark = " (target)" if k == target else ""
-        lines.append(f"| {k} {c}{mark} | " + " | ".join(_fmt(m["models"][n]["per_class_acc"][k]) for n in names) + " |")
+        lines.append(f"| {k} {c}{mark} | " + " | ".join(_fmt(models[n]["per_class_acc"][k]) for n in names) + " |")
+    return lines
+
+
+def markdown(m: dict, plots: list[str]) -> str:
+    attack = m["attack"]
+    delivered = attack["name"] == "none"
+    lines = [f"# unpoison report: {m['defense']} " + ("on the data set as delivered" if delivered
+                                                       else f"against {attack['name']}"), ""]
+    if delivered:
+        known = f"{m['poison_samples']} known poisoned" if m["ground_truth"] else "no ground truth"
+        lines += [f"Protocol `{m['protocol']}`, model `{m['model']}`, nothing injected ({known}), "
+                  f"{m['train_samples']} training samples, {m['test_samples']} test images; target-class figures for "
+                  f"class {attack['target']}.", ""]
+    else:
+        lines += [f"Protocol `{m['protocol']}`, model `{m['model']}`, poison rate {attack['rate']}, "
+                  f"target class {attack['target']}, {m['train_samples']} training samples "
+                  f"({m['poison_samples']} poisoned), {m['test_samples']} test images.", ""]
+    if m.get("note"):
+        lines += [f"**{m['note']}**", ""]
+    if m.get("class_shares"):
+        cs = m["class_shares"]
+        top = cs["most_over_represented"]
+        lines += ["## Suspects", "",
+                  f"The defense flags {m['flagged_share']:.1%} of the training set (`suspects.parquet`: every sample "
+                  f"with its source, label, scores and pool, most suspicious first; the grid below shows the 64 most "
+                  f"and 64 least suspicious). "
+                  + (f"Most over-represented among the suspects: class {top['class']} ({top['name']}), flagged "
+                     f"{top['ratio']:.2f} times as often as the average class - a likely attack target."
+                     if top["class"] is not None else "Nothing is flagged."), "",
+                  "| class | samples | flagged | flagged share | ratio to overall |", "| --- | --- | --- | --- | --- |"]
+        for c in cs["per_class"]:
+            lines.append(f"| {c['class']} {c['name']} | {c['samples']} | {c['flagged']} | {_fmt(c['share'])} | "
+                         f"{_fmt(c['ratio'])} |")
+        lines.append("")
+    if m["models"]:
+        lines += _models(m["models"], attack["target"], m["classes"])
     if m.get("splits"):
         lines += ["", "## Splits against ground truth", "",
                   "| split | TPR | FPR | precision | clean pool size | clean pool share (gamma) | poison in clean pool | "

@@ -5,13 +5,20 @@ folders: each holds a `stage.json` (result, wall time, execution id) and maybe a
 Parameter and metric names are the same for every defense, so runs compare side by side in the MLflow UI. A stage
 whose execution id was already recorded was served from a cache: its child run is tagged `unpoison.cached_from`
 with the run that produced it. The library and the stage functions never import MLflow.
+
+The parent run can also carry the deployed model in the `mlflow.pytorch` flavor (so `mlflow.pytorch.load_model`
+serves it without this package) and the training data set as an MLflow dataset input whose digest is its content hash.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 EXPERIMENT = os.environ.get("UNPOISON_MLFLOW_EXPERIMENT", "unpoison")
 SUMMARY_KEYS = ("acc", "asr", "der", "nodef_acc", "nodef_asr", "detection_tpr", "detection_fpr",
@@ -45,10 +52,73 @@ def _producer(client, experiment_id: str, execution_id: str) -> str | None:
     return first[0].data.tags.get("unpoison.run") if first else None
 
 
+def _image_shape(stage_dirs: dict[str, tuple[str, str]], default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(C, H, W) of the run's images, read from the header of a stage's dataset.npz (no pixels decoded)."""
+    for folder, _ in stage_dirs.values():
+        path = Path(folder) / "dataset.npz"
+        if path.exists():
+            with zipfile.ZipFile(path) as z, z.open("images.npy") as f:  # as save_npz writes it
+                major, _ = np.lib.format.read_magic(f)
+                if major in (1, 2):
+                    _, h, w, c = getattr(np.lib.format, f"read_array_header_{major}_0")(f)[0]
+                    return c, h, w
+    return default
+
+
+def _log_model(folder: Path, input_shape: tuple[int, int, int]) -> str:
+    """Log the model in `folder` (safetensors + model.json) to the active run as `model`, in the mlflow.pytorch
+    flavor; returns its model URI. Saved as a torch.export program (pt2, MLflow 3's default): no pickle, so
+    loading needs neither this package nor MLFLOW_ALLOW_PICKLE_DESERIALIZATION."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from components import artifacts
+
+    net, meta = artifacts.load_model(folder)
+    c, h, w = input_shape
+    signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w))]),
+                               Schema([TensorSpec(np.dtype(np.float32), (-1, len(meta["classes"])))]))
+    example = np.random.default_rng(0).random((2, c, h, w), dtype=np.float32)  # batch > 1: a dynamic batch axis
+    info = mlflow.pytorch.log_model(net.eval(), name="model", signature=signature, input_example=example,
+                                    serialization_format="pt2",  # pip_requirements: MLflow's inference takes 6 s
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                    metadata={"classes": meta["classes"], "architecture": meta["architecture"],
+                                              "input": "float32 NCHW in [0, 1], normalized inside the model",
+                                              "dataset_hash": meta.get("dataset_hash"),
+                                              "weights_sha256": meta.get("weights_sha256")})
+    return info.model_uri
+
+
+def _log_dataset(dataset: dict) -> None:
+    """The training data set as a dataset input: `source` resolved to a local, s3:// ... source, the content hash
+    as digest (cut to MLflow's 36 characters; the whole hash goes to the input tag `unpoison.content_hash`)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
+
+    with warnings.catch_warnings():  # a local path matches MLflow's "" and "file" sources alike: same class
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(dataset["source"]))
+    ds = MetaDataset(source, name=dataset["name"], digest=dataset["digest"][:MAX_DATASET_DIGEST_SIZE])
+    mlflow.log_input(ds, context="training", tags={"unpoison.content_hash": dataset["digest"]})
+
+
 def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: dict[str, tuple[str, str]], *,
-                        uri: str | None = None, tags: dict | None = None) -> str:
+                        uri: str | None = None, tags: dict | None = None, final_model: str | None = None,
+                        dataset: dict | None = None, input_shape: tuple[int, int, int] = (3, 32, 32)) -> str:
     """Log a finished pipeline run. `stage_dirs` maps stage -> (local folder, artifact URI). Returns the parent
-    run id, or '' when no tracking URI is given or set in MLFLOW_TRACKING_URI."""
+    run id, or '' when no tracking URI is given or set in MLFLOW_TRACKING_URI.
+
+    `final_model`, "stage" or "stage/sub/folder" (e.g. "final_train", "relabel_finetune/model"), names the folder of
+    the deployed model: the parent run then holds it as the MLflow model `model` and its URI (models:/<model id>) in
+    the tag `unpoison.model_uri`. `mlflow.pytorch.load_model` takes that URI or runs:/<parent run id>/model and gives
+    an nn.Module with the predictions of `artifacts.load_model(folder)[0].eval()`: a torch.export graph (pt2, no
+    pickle), traced in eval mode and always in it (its `.eval()` raises; do not call it). Images are (C, H, W) =
+    `input_shape` unless a stage folder holds a dataset.npz. `dataset`, {"name", "source",
+    "digest"}, logs the training data set as a dataset input (context "training") with its content hash as digest."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return ""
@@ -91,4 +161,10 @@ def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: d
             mlflow.log_metrics(_numeric({k: m[k] for k in SUMMARY_KEYS if m.get(k) is not None}))
             for name, r in m.get("models", {}).items():
                 mlflow.log_metrics(_numeric({f"{name}_acc": r["acc"], f"{name}_asr": r["asr"]}))
+        if dataset is not None:
+            _log_dataset(dataset)
+        if final_model is not None:
+            stage, _, sub = final_model.partition("/")
+            folder = Path(stage_dirs[stage][0]) / sub
+            mlflow.set_tag("unpoison.model_uri", _log_model(folder, _image_shape(stage_dirs, input_shape)))
     return parent.info.run_id

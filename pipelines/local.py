@@ -1,8 +1,9 @@
-"""The local runner: each defense as a sequence of stage functions in one process; MLflow records the finished run
-(a parent run, one child run per stage).
+"""The local runner: a defense's declared stages in one process, into one run folder; MLflow records the finished
+run (a parent run, one child run per stage).
 
 A run writes into `<out>/<name>.partial/` and is renamed to `<out>/<name>/` only when every stage has finished,
-so a folder without the suffix always holds a complete run.
+so a folder without the suffix always holds a complete run. A rerun (`rerun_local`) reads the stages upstream of
+the one it reruns from the earlier run's folders and writes only what it executes.
 """
 
 from __future__ import annotations
@@ -11,133 +12,121 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from components import artifacts, stages, tracking
+from components import artifacts, tracking
 from components.attacks import build_attack
 from components.config import RunConfig
 from components.data import load_images
-from components.defenses import meca
+from components.defenses import get
+from components.defenses.base import DATA, Defense, run_stage
 from components.errors import UnpoisonError
 from components.models import MODELS
 
-DEFENSES = ("none", "meca", "a-abl", "adv-train")
+ROOT_FILES = {"evaluate/metrics.json": "metrics.json", "evaluate/suspects.parquet": "suspects.parquet",
+              "evaluate/plots/suspects.png": "suspects.png"}
 
 
-class Stages:
-    """Calls stage functions into the run folder (each records stage.json), collecting wall times."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.timings = run_dir, {}
-
-    def __call__(self, name: str, fn, *args, **kwargs) -> Path:
-        out = self.run_dir / name
-        record = stages.recorded(name, fn, out, *args, **kwargs)
-        self.timings[name] = {"seconds": record["seconds"],
-                              **{k: v for k, v in record["result"].items() if k == "samples_per_second"}}
-        return out
-
-
-def validate(defense: str, cfg: RunConfig) -> None:
+def validate(defense: str, cfg: RunConfig) -> Defense:
     """Fail fast, before anything is written: defense, model, data, attack and target."""
-    if defense not in DEFENSES:
-        raise UnpoisonError(f"unknown defense '{defense}'; choose one of: {', '.join(DEFENSES)}")
+    d = get(defense)
     if cfg.model not in MODELS:
         raise UnpoisonError(f"unknown model '{cfg.model}'; choose one of: {', '.join(MODELS)}")
     train = load_images(cfg.data, "train")
-    load_images(cfg.data, "test")
     build_attack(cfg.attack.name, target=cfg.attack.target, rate=cfg.attack.rate, seed=cfg.attack.seed,
                  num_classes=train.num_classes, **cfg.attack.params)
+    return d
 
 
-def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None, name: str | None = None) -> Path:
-    validate(defense, cfg)
-    name = name or f"{defense}-{cfg.attack.name}-{datetime.now():%Y%m%d-%H%M%S}"
+def execute(defense: Defense, cfg: RunConfig, run_dir: Path, names: list[str], dirs: dict[str, Path]) -> dict:
+    """Run the named stages of the defense's plan in order into run_dir/<stage>, reading upstream outputs from
+    `dirs` (stage -> folder, updated as stages finish). Returns each executed stage's wall time and throughput."""
+    delivered = cfg.attack.name == "none"
+    plan = [s for s in defense.plan(delivered) if s.name in names]
+    data_name = defense.plan(delivered)[0].name
+    timings = {}
+    for i, st in enumerate(plan, 1):
+        print(f"stage {i}/{len(plan)} {st.name}: started", flush=True)
+        record = run_stage(st, cfg, run_dir / st.name, dirs, data_name)
+        dirs[st.name] = run_dir / st.name
+        timings[st.name] = {"seconds": record["seconds"],
+                            **{k: v for k, v in record["result"].items() if k == "samples_per_second"}}
+        print(f"stage {i}/{len(plan)} {st.name}: {record['seconds']:.0f} s", flush=True)
+    return timings
+
+
+def _finish(run_dir: Path, timings: dict) -> None:
+    """Copy the run's headline files to its root: metrics (with the stage timings), report, suspects."""
+    for src, dst in ROOT_FILES.items():
+        if (run_dir / src).exists():
+            shutil.copy(run_dir / src, run_dir / dst)
+    if (run_dir / "metrics.json").exists():
+        m = artifacts.read_json(run_dir / "metrics.json")
+        m["stages"] = timings
+        m["wall_seconds"] = sum(t["seconds"] for t in timings.values())
+        artifacts.write_json(m, run_dir / "metrics.json")
+    if (run_dir / "evaluate" / "report.md").exists():  # the report's plots live under evaluate/
+        text = (run_dir / "evaluate" / "report.md").read_text().replace("](plots/", "](evaluate/plots/")
+        (run_dir / "report.md").write_text(text)
+
+
+def _track(defense: Defense, cfg: RunConfig, name: str, dirs: dict[str, Path], uri: str, tags: dict) -> str:
+    data = dirs[defense.plan(cfg.attack.name == "none")[0].name]
+    defended = defense.evaluation.models[defense.evaluation.defended]
+    return tracking.record_pipeline_run(
+        name, defense.name, cfg.model_dump(), {s: (str(d), str(d)) for s, d in dirs.items()}, uri=uri,
+        tags=tags, final_model=defended if defended.split("/")[0] in dirs else None,
+        dataset={"name": "train", "source": cfg.data,
+                 "digest": artifacts.read_json(data / "dataset.json")["dataset_hash"]})
+
+
+def _new_run_dir(out_root: Path, name: str) -> Path:
     final_dir = Path(out_root) / name
     if final_dir.exists():
         raise UnpoisonError(f"run folder '{final_dir}' already exists; pass another --name or remove it")
     run_dir = Path(out_root) / f"{name}.partial"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None, name: str | None = None) -> Path:
+    d = validate(defense, cfg)
+    name = name or f"{defense}-{cfg.attack.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = _new_run_dir(out_root, name)
     artifacts.write_json({"defense": defense, "config": cfg.model_dump()}, run_dir / "config.json")
-    st = Stages(run_dir)
-    PIPELINES[defense](st, cfg, run_dir)
-    m = artifacts.read_json(run_dir / "evaluate" / "metrics.json")
-    m["stages"] = st.timings
-    m["wall_seconds"] = sum(t["seconds"] for t in st.timings.values())
-    artifacts.write_json(m, run_dir / "metrics.json")
-    shutil.copy(run_dir / "evaluate" / "report.md", run_dir / "report.md")
+    dirs: dict[str, Path] = {}
+    timings = execute(d, cfg, run_dir, d.stage_names(cfg.attack.name == "none"), dirs)
+    _finish(run_dir, timings)
+    final_dir = run_dir.with_name(name)
     run_dir.rename(final_dir)
     if mlflow_uri:
-        tracking.record_pipeline_run(name, defense, cfg.model_dump(),
-                                     {s: (str(final_dir / s), str(final_dir / s)) for s in st.timings},
-                                     uri=mlflow_uri, tags={"unpoison.engine": "local"})
+        _track(d, cfg, name, {s: final_dir / s for s in dirs}, mlflow_uri, {"unpoison.engine": "local"})
     return final_dir
 
 
-def _info(defense: str, cfg: RunConfig, st: Stages) -> dict:
-    return {"defense": defense, "protocol": cfg.protocol, "model": cfg.model, "stages": dict(st.timings)}
-
-
-def pipeline_none(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
-    """No defense: plain training on the poisoned set with the same engine (the reference for DER)."""
-    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
-    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
-    model = st("train", stages.train, poisoned / "dataset.npz", params=cfg.train.model_copy(update={"seed": cfg.seed}),
-               model_name=cfg.model, monitor=monitor, desc="no defense")
-    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="none", info=_info("none", cfg, st),
-       dirs={"poison": poisoned, "train": model})
-
-
-def pipeline_meca(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
-    """MeCa: warm-up (= the no-defense training), KL scoring, partition, enhancement, identification, clean
-    training, relabel and fine-tune, evaluation."""
-    p, seed = cfg.meca, cfg.seed
-    train_params = cfg.train.model_copy(update={"seed": seed})
-    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
-    data = poisoned / "dataset.npz"
-    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
-    warm = st("warmup", stages.train, data, params=train_params, model_name=cfg.model, monitor=monitor, desc="warm-up")
-    scored = st("score", stages.score_kl, data, warm, params=p, seed=seed)
-    part = st("partition", stages.partition_meca, scored / "scores.parquet", params=p)
-    enhanced = st("enhance", stages.enhance_meca, data, warm, part / "split.parquet", params=p, base=train_params,
-                  seed=seed)
-    ident = st("identify", stages.identify_clean, data, enhanced / "model")
-    final = cfg.final_params().model_copy(update={"seed": seed})
-    clean = st("final_train", stages.train, data, params=final, model_name=cfg.model,
-               split=ident / "split.parquet", monitor=monitor, desc="clean model")
-    relabelled = st("relabel_finetune", stages.relabel_finetune, data, ident / "split.parquet", clean,
-                    params=meca.finetune_params(train_params, p), monitor=monitor)
-    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="meca", info=_info("meca", cfg, st),
-       dirs={"poison": poisoned, "warmup": warm, "score": scored, "partition": part, "enhance": enhanced,
-             "identify": ident, "final_train": clean, "relabel_finetune": relabelled})
-
-
-def pipeline_aabl(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
-    """A-ABL: naive training (stage 1, also the no-defense reference), iFGSM + SCE scoring and Otsu split (stage 2),
-    PGD adversarial training from scratch on the vulnerable part (stage 3), evaluation with robust accuracy."""
-    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
-    data = poisoned / "dataset.npz"
-    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
-    warm = st("warmup", stages.train, data, params=cfg.aabl_warmup_params(), model_name=cfg.model, monitor=monitor,
-              desc="warm-up")
-    scored = st("score", stages.score_adv_sce, data, warm, params=cfg.aabl)
-    part = st("partition", stages.partition_otsu, scored / "scores.parquet", params=cfg.aabl)
-    robust = st("final_train", stages.train, data, params=cfg.aabl_final_params(), model_name=cfg.model,
-                split=part / "split.parquet", adversarial=cfg.aabl, monitor=monitor, desc="adversarial training")
-    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="a-abl", info=_info("a-abl", cfg, st), pgd=cfg.aabl,
-       dirs={"poison": poisoned, "warmup": warm, "score": scored, "partition": part, "final_train": robust})
-
-
-def pipeline_adv_train(st: Stages, cfg: RunConfig, run_dir: Path) -> None:
-    """A-ABL's "Adv. Train" baseline: PGD adversarial training on the whole poisoned set, beside the naive model."""
-    poisoned = st("poison", stages.poison, cfg.data, cfg.attack, train_limit=cfg.train_limit)
-    data = poisoned / "dataset.npz"
-    monitor = stages.Monitor(cfg.data, poisoned / "attack.json")
-    warm = st("warmup", stages.train, data, params=cfg.aabl_warmup_params(), model_name=cfg.model, monitor=monitor,
-              desc="naive training")
-    robust = st("final_train", stages.train, data, params=cfg.aabl_final_params(), model_name=cfg.model,
-                adversarial=cfg.aabl, monitor=monitor, desc="adversarial training")
-    st("evaluate", stages.evaluate_defense, data=cfg.data, defense="adv-train", info=_info("adv-train", cfg, st),
-       pgd=cfg.aabl, dirs={"poison": poisoned, "warmup": warm, "final_train": robust})
-
-
-PIPELINES = {"none": pipeline_none, "meca": pipeline_meca, "a-abl": pipeline_aabl, "adv-train": pipeline_adv_train}
+def rerun(defense: str, cfg: RunConfig, earlier: dict[str, Path], stage: str, out_root: Path, *, downstream: bool,
+          mlflow_uri: str | None, name: str) -> Path:
+    """Rerun `stage` (and with `downstream` every stage after it that depends on it) with `cfg`, reading every
+    other input from the earlier run's stage folders `earlier`. Nothing upstream executes."""
+    d = get(defense)
+    delivered = cfg.attack.name == "none"
+    d.stage(stage, delivered)  # an unknown stage fails here, naming the defense's stages
+    names = d.downstream(stage, delivered) if downstream else [stage]
+    data_name = d.plan(delivered)[0].name
+    needed = {data_name if u == DATA else u for st in d.plan(delivered) if st.name in names for u in st.upstream}
+    lacking = sorted(needed - set(names) - set(earlier))
+    if lacking:
+        raise UnpoisonError(f"the earlier run has no output for stage(s) {', '.join(lacking)}; rerun from an earlier "
+                            f"stage or with --downstream")
+    run_dir = _new_run_dir(out_root, name)
+    artifacts.write_json({"defense": defense, "config": cfg.model_dump(), "rerun": {"stage": stage,
+                          "downstream": downstream, "inputs": {s: str(p) for s, p in earlier.items()}}},
+                         run_dir / "config.json")
+    dirs = {s: Path(p) for s, p in earlier.items() if s not in names}
+    timings = execute(d, cfg, run_dir, names, dirs)
+    _finish(run_dir, timings)
+    final_dir = run_dir.with_name(name)
+    run_dir.rename(final_dir)
+    if mlflow_uri:
+        dirs = {s: (final_dir / s if s in names else p) for s, p in dirs.items()}
+        _track(d, cfg, name, dirs, mlflow_uri, {"unpoison.engine": "local", "unpoison.rerun_of": stage})
+    return final_dir

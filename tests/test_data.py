@@ -18,6 +18,8 @@ from components import data
 from components.data import (
     CIFAR10_CLASSES,
     ImageSet,
+    has_test_split,
+    load_ground_truth,
     load_images,
     load_train_test,
     save_npz,
@@ -332,3 +334,143 @@ def test_atomic_writes_leave_no_temp_files(tmp_path, monkeypatch):
         save_parquet(ds, tmp_path / "a.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.parquet"]  # nothing half-written
     assert len(load_images(tmp_path / "a.parquet")) == 3  # the old file is intact
+
+
+# ---------------------------------------------------------------------------------------------- sources, ground truth
+
+
+def test_sources_image_folder(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("airplane", "bird"):
+            for j in range(2):
+                write_png(tmp_path / split / cls / f"{j:04d}.png", np.full((4, 4, 3), j, np.uint8))
+    train, test = load_train_test(tmp_path)
+    assert train.sources == ("train/airplane/0000.png", "train/airplane/0001.png", "train/bird/0000.png",
+                             "train/bird/0001.png")
+    assert test.sources[0] == "test/airplane/0000.png"
+    flat = load_images(tmp_path / "train")  # no split subfolders: relative to the folder passed
+    assert flat.sources[-1] == "bird/0001.png"
+    assert load_images(tmp_path / "train", size=8).sources == flat.sources  # resizing keeps them
+    assert has_test_split(tmp_path) and not has_test_split(tmp_path / "train")
+
+
+def test_sources_parquet_shards(tmp_path):
+    ds = random_set(n=10)
+    save_parquet(ds.subset(slice(0, 6)), tmp_path / "train-00000-of-00002.parquet")
+    save_parquet(ds.subset(slice(6, 10)), tmp_path / "train-00001-of-00002.parquet")
+    train = load_images(tmp_path)
+    # the row index restarts in each file
+    assert train.sources[5:7] == ("train-00000-of-00002.parquet:5", "train-00001-of-00002.parquet:0")
+    assert len(train.sources) == 10 and train.sources[-1] == "train-00001-of-00002.parquet:3"
+    assert train.content_hash == ds.content_hash  # sources are not part of the hash
+    assert not has_test_split(tmp_path)
+    save_parquet(ds.subset(slice(0, 2)), tmp_path / "test-00000-of-00001.parquet")
+    assert has_test_split(tmp_path)
+    assert load_images(tmp_path / "test-00000-of-00001.parquet").sources == (
+        "test-00000-of-00001.parquet:0", "test-00000-of-00001.parquet:1")
+    assert not has_test_split(tmp_path / "test-00000-of-00001.parquet")
+
+
+def test_sources_sample(sample):
+    train, test = sample
+    assert train.sources[17] == "sample/train.parquet:17" and len(train.sources) == len(train)
+    assert test.sources[-1] == f"sample/test.parquet:{len(test) - 1}"
+    assert has_test_split("sample")
+
+
+def test_sources_npz_release_and_subset(tmp_path):
+    path = save_npz(random_set(), tmp_path / "dataset.npz")
+    ds = load_images(path)
+    assert ds.sources[3] == "dataset.npz:3" and not has_test_split(path)
+    part = ds.subset(np.array([5, 1]))
+    assert part.sources == ("dataset.npz:5", "dataset.npz:1")
+    assert ds.subset(ds.labels == 0).sources == ("dataset.npz:0", "dataset.npz:3", "dataset.npz:6", "dataset.npz:9")
+    assert ds.subset(slice(10, None)).sources == ("dataset.npz:10", "dataset.npz:11")
+    assert ImageSet(ds.images, ds.labels, ds.classes).content_hash == ds.content_hash  # sources are not hashed
+
+    write_fake_release(tmp_path / "release" / "cifar-10-batches-py")  # 3 images per batch file
+    train = load_images(tmp_path / "release")
+    assert train.sources[:4] == ("data_batch_1:0", "data_batch_1:1", "data_batch_1:2", "data_batch_2:0")
+    assert load_images(tmp_path / "release", "test").sources[-1] == "test_batch:2"
+    assert has_test_split(tmp_path / "release")
+    os.unlink(tmp_path / "release" / "cifar-10-batches-py" / "test_batch")
+    assert not has_test_split(tmp_path / "release")
+
+
+def test_ground_truth_from_parquet_columns(tmp_path):
+    ds = random_set(n=8)
+    is_poison = np.arange(8) % 4 == 0
+    true_label = np.where(is_poison, 2, ds.labels)
+    save_parquet(ds.subset(slice(0, 5)), tmp_path / "train-00000-of-00002.parquet",
+                 extra_columns={"is_poison": is_poison[:5], "true_label": true_label[:5]})
+    save_parquet(ds.subset(slice(5, 8)), tmp_path / "train-00001-of-00002.parquet",
+                 extra_columns={"is_poison": is_poison[5:], "true_label": true_label[5:]})
+    truth = load_ground_truth(tmp_path)
+    np.testing.assert_array_equal(truth["is_poison"], is_poison)
+    np.testing.assert_array_equal(truth["true_label"], true_label)
+    assert truth["is_poison"].dtype == bool and truth["true_label"].dtype == np.int64
+    assert len(load_images(tmp_path)) == 8  # the extra columns do not disturb loading
+
+    one = save_parquet(ds, tmp_path / "one" / "set.parquet", extra_columns={"is_poison": is_poison})
+    truth = load_ground_truth(one)
+    np.testing.assert_array_equal(truth["true_label"], ds.labels)  # no true_label column: as delivered
+    os.unlink(tmp_path / "train-00001-of-00002.parquet")
+    save_parquet(ds.subset(slice(5, 8)), tmp_path / "train-00001-of-00002.parquet")
+    with pytest.raises(UnpoisonError, match="only 1 of 2 Parquet files"):
+        load_ground_truth(tmp_path)
+
+
+def test_ground_truth_from_npz_sample_table(tmp_path):
+    ds = random_set(n=6)
+    path = save_npz(ds, tmp_path / "dataset.npz")
+    assert load_ground_truth(path) is None  # no sample table beside it
+    is_poison = np.array([0, 1, 0, 0, 1, 0], bool)
+    table = {"sample_id": np.arange(6)[::-1], "label": ds.labels[::-1], "true_label": (ds.labels + 1)[::-1] % 3,
+             "is_poison": is_poison[::-1], "is_cover": np.zeros(6, bool)}  # rows in any order: matched by sample_id
+    pq.write_table(pa.table(table), tmp_path / "samples.parquet")
+    truth = load_ground_truth(path)
+    np.testing.assert_array_equal(truth["is_poison"], is_poison)
+    np.testing.assert_array_equal(truth["true_label"], (ds.labels + 1) % 3)
+
+    pq.write_table(pa.table({k: v[:4] for k, v in table.items()}), tmp_path / "samples.parquet")
+    with pytest.raises(UnpoisonError, match="has 4 rows but 'dataset.npz' holds 6 samples"):
+        load_ground_truth(path)
+
+
+def test_ground_truth_of_s3_npz_fetches_the_sample_table_beside_it(tmp_path, monkeypatch):
+    from components import store
+
+    ds = random_set(n=4)
+    cache = tmp_path / "cache" / "bucket" / "run"
+    save_npz(ds, cache / "dataset.npz")
+    table = {"sample_id": np.arange(4), "is_poison": np.array([1, 0, 0, 1], bool)}
+    fetched = []
+
+    def fake_fetch(uri, store=None):  # the store holds dataset.npz and samples.parquet under s3://bucket/run/
+        fetched.append(uri)
+        if uri.endswith("samples.parquet"):
+            pq.write_table(pa.table(table), cache / "samples.parquet")
+        return cache / uri.rsplit("/", 1)[1]
+
+    class FakeStore:
+        def exists(self, uri):
+            return uri == "s3://bucket/run/samples.parquet"
+
+    monkeypatch.setattr(store, "fetch", fake_fetch)
+    monkeypatch.setattr(store.Store, "from_env", classmethod(lambda cls: FakeStore()))
+    truth = load_ground_truth("s3://bucket/run/dataset.npz")
+    assert fetched == ["s3://bucket/run/dataset.npz", "s3://bucket/run/samples.parquet"]
+    np.testing.assert_array_equal(truth["is_poison"], table["is_poison"])
+    np.testing.assert_array_equal(truth["true_label"], ds.labels)
+
+
+def test_ground_truth_none_for_plain_sources(tmp_path, sample):
+    assert load_ground_truth("sample") is None
+    save_parquet(random_set(), tmp_path / "shards" / "train-00000-of-00001.parquet")
+    assert load_ground_truth(tmp_path / "shards") is None
+    write_png(tmp_path / "folder" / "cat" / "0.png", np.zeros((4, 4, 3), np.uint8))
+    assert load_ground_truth(tmp_path / "folder") is None
+    write_fake_release(tmp_path / "release" / "cifar-10-batches-py")
+    assert load_ground_truth(tmp_path / "release") is None
+    with pytest.raises(UnpoisonError, match="does not exist"):
+        load_ground_truth(tmp_path / "missing")

@@ -16,14 +16,38 @@ Reading of the paper (DESIGN.md, "Reading the papers"):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
+from pydantic import Field
 from torch import nn
 
-from components import engine, scores, splits
-from components.config import MecaParams, TrainParams
+from components import artifacts, engine, scores, splits, stages
+from components.artifacts import ROUNDS_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
+from components.defenses.base import DATA, Defense, Evaluation, Stage
+from components.params import Strict, TrainParams, final_params
+
+
+class MecaParams(Strict):
+    """MeCa (paper 000). The paper gives no values for eps, r, gamma or E_b: these are chosen once (DESIGN.md's
+    laptop-scale measurements) and never tuned per attack."""
+
+    eps: float = Field(0.1, gt=0)  # perturbation radius of delta (Eq. 3)
+    patch: int = Field(8, ge=1)  # side r of the random square mask m
+    gamma: float = Field(0.1, gt=0, lt=1)  # round e keeps p = 1 - (e+1) gamma of D_u for learning (Algorithm 2)
+    rounds: int = Field(3, ge=1)  # E_b: 3, not 5: at 5 rounds Blend's backdoor collapses (DESIGN.md)
+    learn_epochs: int = Field(1, ge=1)  # learning epochs per round on the kept part (after round 0)
+    unlearn_epochs: int = Field(1, ge=1)
+    unlearn_lr: float = Field(0.01, gt=0)
+    unlearn_ceiling: float = Field(5.0, gt=0)  # per-sample CE above which ascent stops (safeguard)
+    learn_lr: float = Field(0.01, gt=0)
+    score_batch: int = Field(512, ge=1)
+    finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
+    finetune_lr: float = Field(0.01, gt=0)
 
 
 def keep_share(round_index: int, gamma: float) -> float:
@@ -97,3 +121,130 @@ def finetune_params(train: TrainParams, params: MecaParams) -> TrainParams:
 def relabel(clean_model: nn.Module, x: torch.Tensor) -> np.ndarray:
     """Eq. 12: y_hat = f(x) for the samples judged poisoned, with the clean model."""
     return engine.predict(clean_model, x).argmax(1).numpy()
+
+
+# --- stage functions ---------------------------------------------------------------------------------------------
+
+def score_kl(dataset: Path, model: Path, out: Path, *, params: MecaParams, seed: int) -> dict:
+    """MeCa Eq. 3 per sample with the given model: out/scores.parquet (column `kl`)."""
+    ds = stages.load_dataset(dataset)
+    net, meta = artifacts.load_model(model)
+    t0 = time.perf_counter()
+    kl = scores.meca_kl(net, *stages.tensors(ds), eps=params.eps, patch=params.patch, seed=seed,
+                        batch_size=params.score_batch)
+    seconds = time.perf_counter() - t0
+    stages.write_scores(Path(out) / "scores.parquet", {"kl": kl}, model, meta)
+    return {"samples": len(ds), "samples_per_second": len(ds) / seconds}
+
+
+def partition_stage(score_table: Path, out: Path, *, params: MecaParams) -> dict:
+    """MeCa round 0: the (1 - p) share with the highest KL is D_c, the clean pool to unlearn; the rest is suspect."""
+    kl = artifacts.read_table(score_table, {**SCORE_SCHEMA, "kl": pa.float64()})["kl"]
+    kept = partition(kl, 0, params.gamma)
+    stages.write_split(~kept, Path(out) / "split.parquet")
+    return {"samples": len(kl), "clean": int((~kept).sum()), "suspect": int(kept.sum())}
+
+
+def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params: MecaParams, base: TrainParams,
+                  seed: int) -> dict:
+    """MeCa Algorithm 2, lines 2-10: out/model (the enhanced model), out/rounds.parquet (per round and sample: KL,
+    kept, fitted), out/rounds.json (what the defender observes per round)."""
+    ds = stages.load_dataset(dataset)
+    x, y = stages.tensors(ds)
+    net, meta = artifacts.load_model(model)
+    kept0 = artifacts.read_table(split, SPLIT_SCHEMA)["pool"] == "suspect"
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    rounds = enhance(net, x, y, kept0, params, base, seed=seed)
+    seconds = time.perf_counter() - t0
+    n = len(ds)
+    cols = {"sample_id": np.tile(np.arange(n), len(rounds)),
+            "round": np.repeat([r["round"] for r in rounds], n),
+            "kl": np.concatenate([r["kl"] if r["kl"] is not None else np.full(n, np.nan) for r in rounds]),
+            "kept": np.concatenate([r["kept"] for r in rounds]),
+            "fitted": np.concatenate([r["fitted"] for r in rounds])}
+    out = Path(out)
+    artifacts.write_table(cols, out / "rounds.parquet", ROUNDS_SCHEMA)
+    observed = [{"round": r["round"], "keep_share": r["keep_share"], "fit_share": r["fit_share"]} for r in rounds]
+    artifacts.write_json(observed, out / "rounds.json")
+    artifacts.save_model(net, {**meta, "enhanced": params.model_dump(), "epochs": meta["epochs"] + params.rounds},
+                         out / "model")
+    return {"samples": n, "samples_per_second": n * params.rounds / seconds,
+            **{f"fit_share_r{r['round']}": r["fit_share"] for r in observed}}
+
+
+def identify_stage(dataset: Path, model: Path, out: Path) -> dict:
+    """MeCa Algorithm 2, line 12: clean = misclassified by the enhanced model. out/split.parquet and
+    out/scores.parquet (`enhanced_loss`: the enhanced model's cross-entropy; low = fitted = poison-like)."""
+    ds = stages.load_dataset(dataset)
+    x, y = stages.tensors(ds)
+    net, meta = artifacts.load_model(model)
+    logits = engine.predict(net, x)
+    clean = (logits.argmax(1) != y).numpy()
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+    stages.write_scores(Path(out) / "scores.parquet", {"enhanced_loss": loss}, model, meta)
+    stages.write_split(clean, Path(out) / "split.parquet")
+    return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum())}
+
+
+def relabel_finetune(dataset: Path, split: Path, model: Path, out: Path, *, params: TrainParams,
+                     monitor: stages.Monitor | None = None) -> dict:
+    """MeCa section 4.2.4, Eq. 12: relabel the suspect pool with the clean model, then fine-tune the clean model
+    on the clean pool plus the relabelled samples. out/split.parquet (with `relabel`) and out/model."""
+    ds = stages.load_dataset(dataset)
+    net, _ = artifacts.load_model(model)
+    table = artifacts.read_table(split, SPLIT_SCHEMA)
+    suspect = table["pool"] == "suspect"
+    predicted = relabel(net, torch.from_numpy(ds.images))
+    relabels = np.where(suspect, predicted, -1)
+    out = Path(out)
+    stages.write_split(~suspect, out / "split.parquet", relabels)
+    result = stages.train(dataset, out / "model", params=params, model_name="from init", split=out / "split.parquet",
+                          init=model, relabel=True, monitor=monitor, desc="fine-tune")
+    return {**result, "relabelled": int(suspect.sum()),
+            "relabel_changed": int((suspect & (predicted != ds.labels)).sum())}
+
+
+# --- declaration -------------------------------------------------------------------------------------------------
+
+def _train(c) -> TrainParams:
+    return c.train.model_copy(update={"seed": c.seed})
+
+
+DEFENSE = Defense(
+    name="meca", section="meca", params=MecaParams,
+    description="MeCa (paper 000): perturbation scoring, partition, backdoor enhancement, clean training, relabel "
+                "and fine-tune.",
+    stages=(
+        # round 0's learning step (Algorithm 2, line 3 on the whole D_u) is the no-defense training itself
+        Stage("warmup", stages.train, {"dataset": f"{DATA}/dataset.npz"}, kind="model", monitor=True,
+              params=lambda c: {"params": _train(c), "model_name": c.model, "desc": "warm-up"},
+              reads=("train", "seed", "model")),
+        Stage("score", score_kl, {"dataset": f"{DATA}/dataset.npz", "model": "warmup"},
+              params=lambda c: {"params": c.meca, "seed": c.seed}, reads=("meca", "seed")),
+        Stage("partition", partition_stage, {"score_table": "score/scores.parquet"}, gpu=False,
+              params=lambda c: {"params": c.meca}, reads=("meca",)),
+        Stage("enhance", enhance_stage, {"dataset": f"{DATA}/dataset.npz", "model": "warmup",
+                                         "split": "partition/split.parquet"}, kind="model",
+              params=lambda c: {"params": c.meca, "base": _train(c), "seed": c.seed},
+              reads=("meca", "train", "seed")),
+        Stage("identify", identify_stage, {"dataset": f"{DATA}/dataset.npz", "model": "enhance/model"}),
+        Stage("final_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet"},
+              kind="model", monitor=True,
+              params=lambda c: {"params": final_params(_train(c), c.final), "model_name": c.model,
+                                "desc": "clean model"},
+              reads=("train", "final", "seed", "model")),
+        Stage("relabel_finetune", relabel_finetune, {"dataset": f"{DATA}/dataset.npz",
+                                                     "split": "identify/split.parquet", "model": "final_train"},
+              kind="model", monitor=True, params=lambda c: {"params": finetune_params(_train(c), c.meca)},
+              reads=("train", "seed", "meca")),
+    ),
+    evaluation=Evaluation(
+        models={"nodef": "warmup", "enhanced": "enhance/model", "clean": "final_train",
+                "relabelled": "relabel_finetune/model"},
+        defended="clean", reference="nodef",  # the paper's main tables report the clean model, before relabelling
+        scores=("score/scores.parquet", "identify/scores.parquet"), directions={"kl": -1, "enhanced_loss": -1},
+        splits={"round0": "partition/split.parquet", "identify": "identify/split.parquet",
+                "relabel": "relabel_finetune/split.parquet"},
+        detection="identify", suspicion="enhanced_loss", rounds="enhance/rounds.parquet"),
+)
