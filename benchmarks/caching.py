@@ -12,10 +12,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-from components.config import load_config
+from components.config import load_config, parse_overrides
 from pipelines import kfp_pipelines as kp
 from pipelines.benchmark import machine
-from pipelines.cli import _overrides
 
 RESULTS = Path(__file__).resolve().parent / "results" / "caching.json"
 
@@ -25,23 +24,23 @@ def main() -> None:
     parser.add_argument("--set", action="extend", nargs="+", default=["train_limit=2000", "train.epochs=2",
                                                                       "meca.rounds=2", "meca.finetune_epochs=1"])
     args = parser.parse_args()
-    cfg = load_config("cpu", _overrides(args.set))
+    cfg = load_config("cpu", parse_overrides(args.set))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         times, logs = [], []
         for _ in range(2):
             t0 = time.perf_counter()
-            _, log = kp.run_local(kp.meca_pipeline, kp.arguments(cfg), root)
+            _, log = kp.run_local(kp.build("meca"), kp.arguments(cfg, "meca"), root)
             times.append(time.perf_counter() - t0)
             logs.append(log)
-        # one-stage rerun of final training, its inputs imported from the first run's task folders
+        # one-stage rerun of final training, every other input imported from the first run's task folders
         first = next(d for d in sorted(root.iterdir()) if d.name.startswith("unpoison-meca"))
-        rerun_args = kp.without_none({"dataset_uri": str(first / "poison" / "poisoned"),
-                                      "split_uri": str(first / "identify-clean" / "split"),
-                                      "train": kp.arguments(cfg)["train"], "final": {"lr": 0.05},
-                                      "model": cfg.model, "data": cfg.data})
+        imported = {"poison": str(first / "poison" / "dataset"), "truth": str(first / "poison" / "truth"),
+                    "identify": str(first / "identify" / "out")}
+        rerun = kp.build("meca", execute=["final_train"], imported=imported)
+        rerun_args = kp.arguments(load_config("cpu", {**parse_overrides(args.set), "final.lr": 0.05}), "meca")
         t0 = time.perf_counter()
-        _, rerun_log = kp.run_local(kp.rerun_final_train, rerun_args, root)
+        _, rerun_log = kp.run_local(rerun, rerun_args, root)
         rerun_seconds = time.perf_counter() - t0
     record = {"benchmark": "kfp-local-caching", "config": args.set, "first_seconds": times[0],
               "second_seconds": times[1], "ratio": times[1] / times[0], "first_executed": logs[0].executed,

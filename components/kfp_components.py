@@ -1,21 +1,24 @@
 """The stage functions as KFP components: the only module of the library that imports kfp.
 (No `from __future__ import annotations` here: KFP reads the real annotation objects.)
 
-Each component is a few lines: typed artifacts in and out, a call to one stage function through
-`stages.recorded`, which also writes `stage.json` (params, result, wall time, a unique execution id) into the
-component's main output so that tracking can tell a fresh execution from one served by the cache.
-Components are lightweight Python components on the stage image, with the package preinstalled
-(`install_kfp_package=False`) and every import inside the function body, so the same component runs in a pod and
-under `kfp.local.SubprocessRunner(use_venv=False)`. Artifacts are folders.
+A few generic components run any declared stage of any defense (components/defenses/base.py): they receive the
+defense and stage names, the configuration keys the stage declares it reads (only those are bound to pipeline
+parameters, the others keep their constant defaults, so a task's cache key is what it reads; `section` is the
+defense's own section), and the upstream stage outputs in numbered slots with their stage names in `upstream`. The pipeline
+builder gives each task its stage's name. Each component calls one stage function through `stages.recorded`,
+which writes `stage.json` (result, wall time, a unique execution id) into the output so that tracking can tell a
+fresh execution from one served by the cache. Components are lightweight Python components on the stage image, with
+the package preinstalled (`install_kfp_package=False`) and every import inside the function body, so the same
+component runs in a pod and under `kfp.local.SubprocessRunner(use_venv=False)`. Artifacts are folders.
 """
-
 
 import os
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 STAGE_IMAGE = os.environ.get("UNPOISON_STAGE_IMAGE", "ghcr.io/unpoison/unpoison-stage:0.1.0")
+SLOTS = 16  # upstream inputs a generic component takes: more than any declared stage reads
 
 
 def component(fn):
@@ -23,182 +26,104 @@ def component(fn):
 
 
 @component
-def poison(data: str, attack: dict, train_limit: int, poisoned: Output[Dataset], truth: Output[Dataset]):
-    """Poison injection: the poisoned set (dataset.npz, attack.json) and, apart, the ground-truth sample table."""
+def poison(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset]):
+    """Poison injection: the poisoned set (dataset.npz, attack.json, sources) and, apart, the ground-truth table."""
     from components import stages
-    from components.config import AttackParams
+    from components.params import AttackParams
 
-    stages.recorded("poison", stages.poison, poisoned.path, data, AttackParams(**attack),
+    stages.recorded("poison", stages.poison, dataset.path, data, AttackParams(**attack),
                     train_limit=train_limit or None, truth=truth.path)
 
 
 @component
-def train(dataset: Input[Dataset], params: dict, overrides: dict, model_name: str, monitor_data: str, stage: str,
-          model: Output[Model], split: Input[Dataset] = None):
-    """Warm-up / no-defense training on the whole set, or final training (params with the `final` overrides) on a
-    split's clean pool."""
-    from pathlib import Path
-
+def ingest(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset]):
+    """The data set as delivered: nothing injected; ground truth apart, when the source carries it."""
     from components import stages
-    from components.config import TrainParams, final_params
+    from components.params import AttackParams
 
-    data = Path(dataset.path)
-    monitor = stages.Monitor(monitor_data, data / "attack.json") if monitor_data else None
-    stages.recorded(stage, stages.train, model.path, data / "dataset.npz",
-                    params=final_params(TrainParams(**params), overrides),
-                    model_name=model_name, split=Path(split.path) / "split.parquet" if split else None,
-                    monitor=monitor)
+    stages.recorded("ingest", stages.ingest, dataset.path, data, AttackParams(**attack),
+                    train_limit=train_limit or None, truth=truth.path)
 
 
 @component
-def score_kl(dataset: Input[Dataset], model: Input[Model], meca: dict, seed: int, scores: Output[Dataset]):
-    """MeCa perturbation scoring (Eq. 3)."""
-    from pathlib import Path
+def stage_dataset(defense: str, stage: str, delivered: bool, upstream: list, out: Output[Dataset],
+                  data: str = "", protocol: str = "", train_limit: int = 0, model: str = "", seed: int = 0,
+                  attack: dict = {}, train: dict = {}, final: dict = {}, section: dict = {},
+                  in0: Input[Artifact] = None, in1: Input[Artifact] = None, in2: Input[Artifact] = None,
+                  in3: Input[Artifact] = None, in4: Input[Artifact] = None, in5: Input[Artifact] = None,
+                  in6: Input[Artifact] = None, in7: Input[Artifact] = None, in8: Input[Artifact] = None,
+                  in9: Input[Artifact] = None, in10: Input[Artifact] = None, in11: Input[Artifact] = None,
+                  in12: Input[Artifact] = None, in13: Input[Artifact] = None, in14: Input[Artifact] = None,
+                  in15: Input[Artifact] = None):
+    """A declared stage whose output is a data set, score table or split (`upstream[i]` names slot `in<i>`)."""
+    from components.runner import run_task
 
-    from components import stages
-    from components.config import MecaParams
-
-    stages.recorded("score", stages.score_kl, scores.path, Path(dataset.path) / "dataset.npz", model.path,
-                    params=MecaParams(**meca), seed=seed)
-
-
-@component
-def partition_meca(scores: Input[Dataset], meca: dict, split: Output[Dataset]):
-    """MeCa round-0 partition by rate."""
-    from pathlib import Path
-
-    from components import stages
-    from components.config import MecaParams
-
-    stages.recorded("partition", stages.partition_meca, split.path, Path(scores.path) / "scores.parquet",
-                    params=MecaParams(**meca))
+    given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
+                 train=train, final=final, section=section)
+    slots = [in0, in1, in2, in3, in4, in5, in6, in7, in8, in9, in10, in11, in12, in13, in14, in15]
+    run_task(defense, stage, delivered, given, upstream, slots, out.path)
 
 
 @component
-def enhance_meca(dataset: Input[Dataset], model: Input[Model], split: Input[Dataset], meca: dict, train: dict,
-                 seed: int, enhanced: Output[Model]):
-    """MeCa backdoor enhancement (Algorithm 2)."""
-    from pathlib import Path
+def stage_model(defense: str, stage: str, delivered: bool, upstream: list, out: Output[Model],
+                data: str = "", protocol: str = "", train_limit: int = 0, model: str = "", seed: int = 0,
+                attack: dict = {}, train: dict = {}, final: dict = {}, section: dict = {},
+                in0: Input[Artifact] = None, in1: Input[Artifact] = None, in2: Input[Artifact] = None,
+                in3: Input[Artifact] = None, in4: Input[Artifact] = None, in5: Input[Artifact] = None,
+                in6: Input[Artifact] = None, in7: Input[Artifact] = None, in8: Input[Artifact] = None,
+                in9: Input[Artifact] = None, in10: Input[Artifact] = None, in11: Input[Artifact] = None,
+                in12: Input[Artifact] = None, in13: Input[Artifact] = None, in14: Input[Artifact] = None,
+                in15: Input[Artifact] = None):
+    """A declared stage whose output is a model (`upstream[i]` names slot `in<i>`)."""
+    from components.runner import run_task
 
-    from components import stages
-    from components.config import MecaParams, TrainParams
-
-    stages.recorded("enhance", stages.enhance_meca, enhanced.path, Path(dataset.path) / "dataset.npz", model.path,
-                    Path(split.path) / "split.parquet", params=MecaParams(**meca), base=TrainParams(**train),
-                    seed=seed)
-
-
-@component
-def train_aabl(dataset: Input[Dataset], train: dict, final: dict, aabl: dict, model_name: str, monitor_data: str,
-               stage: str, model: Output[Model], split: Input[Dataset] = None):
-    """A-ABL training: stage 1 (`warmup`: train with aabl.warmup) or stage 3 (`final_train`: PGD adversarial training
-    with final and aabl.final, on the split's clean pool when a split is given)."""
-    from pathlib import Path
-
-    from components import stages
-    from components.config import AablParams, TrainParams, aabl_params
-
-    data, p = Path(dataset.path), AablParams(**aabl)
-    monitor = stages.Monitor(monitor_data, data / "attack.json") if monitor_data else None
-    stages.recorded(stage, stages.train, model.path, data / "dataset.npz",
-                    params=aabl_params(TrainParams(**train), final, p, stage), model_name=model_name,
-                    split=Path(split.path) / "split.parquet" if split else None, monitor=monitor,
-                    adversarial=p if stage == "final_train" else None)
+    given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
+                 train=train, final=final, section=section)
+    slots = [in0, in1, in2, in3, in4, in5, in6, in7, in8, in9, in10, in11, in12, in13, in14, in15]
+    run_task(defense, stage, delivered, given, upstream, slots, out.path)
 
 
 @component
-def score_adv_sce(dataset: Input[Dataset], model: Input[Model], aabl: dict, scores: Output[Dataset]):
-    """A-ABL stage 2: SCE of each sample's iFGSM adversarial example (and its natural SCE)."""
-    from pathlib import Path
-
-    from components import stages
-    from components.config import AablParams
-
-    stages.recorded("score", stages.score_adv_sce, scores.path, Path(dataset.path) / "dataset.npz", model.path,
-                    params=AablParams(**aabl))
-
-
-@component
-def partition_otsu(scores: Input[Dataset], aabl: dict, split: Output[Dataset]):
-    """A-ABL stage 2: Otsu's threshold on the adversarial SCE; the vulnerable part is kept."""
-    from pathlib import Path
-
-    from components import stages
-    from components.config import AablParams
-
-    stages.recorded("partition", stages.partition_otsu, split.path, Path(scores.path) / "scores.parquet",
-                    params=AablParams(**aabl))
-
-
-@component
-def identify_clean(dataset: Input[Dataset], enhanced: Input[Model], split: Output[Dataset]):
-    """MeCa: clean = misclassified by the enhanced model."""
-    from pathlib import Path
-
-    from components import stages
-
-    stages.recorded("identify", stages.identify_clean, split.path, Path(dataset.path) / "dataset.npz",
-                    Path(enhanced.path) / "model")
-
-
-@component
-def relabel_finetune(dataset: Input[Dataset], split: Input[Dataset], model: Input[Model], train: dict, meca: dict,
-                     monitor_data: str, finetuned: Output[Model]):
-    """MeCa relabel and fine-tune (section 4.2.4)."""
-    from pathlib import Path
-
-    from components import stages
-    from components.config import MecaParams, TrainParams
-    from components.defenses import meca as method
-
-    data = Path(dataset.path)
-    monitor = stages.Monitor(monitor_data, data / "attack.json") if monitor_data else None
-    stages.recorded("relabel_finetune", stages.relabel_finetune, finetuned.path, data / "dataset.npz",
-                    Path(split.path) / "split.parquet", model.path,
-                    params=method.finetune_params(TrainParams(**train), MecaParams(**meca)), monitor=monitor)
-
-
-@component
-def evaluate(data: str, defense: str, protocol: str, model_name: str, poison: Input[Dataset],
-             truth: Input[Dataset], metrics: Output[Metrics], report: Output[Markdown],
-             train: Input[Model] = None, warmup: Input[Model] = None, score: Input[Dataset] = None,
-             partition: Input[Dataset] = None, enhance: Input[Model] = None, identify: Input[Dataset] = None,
-             final_train: Input[Model] = None, relabel_finetune: Input[Model] = None, aabl: dict = {}):
-    """ACC, ASR, DER, detection (and RA for A-ABL) and the report; the only component that reads the ground truth."""
+def evaluate(defense: str, delivered: bool, upstream: list, metrics: Output[Metrics], report: Output[Markdown],
+             data: str = "", protocol: str = "", train_limit: int = 0, model: str = "", seed: int = 0,
+             attack: dict = {}, train: dict = {}, final: dict = {}, section: dict = {},
+             in0: Input[Artifact] = None, in1: Input[Artifact] = None,
+             in2: Input[Artifact] = None, in3: Input[Artifact] = None, in4: Input[Artifact] = None,
+             in5: Input[Artifact] = None, in6: Input[Artifact] = None, in7: Input[Artifact] = None,
+             in8: Input[Artifact] = None, in9: Input[Artifact] = None, in10: Input[Artifact] = None,
+             in11: Input[Artifact] = None, in12: Input[Artifact] = None, in13: Input[Artifact] = None,
+             in14: Input[Artifact] = None, in15: Input[Artifact] = None):
+    """ACC, ASR, DER, target-class ACC, detection, suspects and the report; the only task that reads ground truth."""
     import shutil
     from pathlib import Path
 
-    from components import stages
-    from components.config import AablParams
+    from components.runner import run_task
 
-    given = {"poison": poison, "truth": truth, "train": train, "warmup": warmup, "score": score,
-             "partition": partition, "enhance": enhance, "identify": identify, "final_train": final_train,
-             "relabel_finetune": relabel_finetune}
-    record = stages.recorded("evaluate", stages.evaluate_defense, metrics.path, data=data, defense=defense,
-                             dirs={k: a.path for k, a in given.items() if a is not None},
-                             info={"protocol": protocol, "model": model_name}, pgd=AablParams(**aabl))
+    given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
+                 train=train, final=final, section=section)
+    slots = [in0, in1, in2, in3, in4, in5, in6, in7, in8, in9, in10, in11, in12, in13, in14, in15]
+    record = run_task(defense, "evaluate", delivered, given, upstream, slots, metrics.path)
     shutil.copy(Path(metrics.path) / "report.md", report.path)
     for key, value in record["result"].items():
         metrics.log_metric(key, value)
 
 
 @component
-def track(run_id: str, defense: str, protocol: str, data: str, train_limit: int, model_name: str, seed: int,
-          attack: dict, train_params: dict, final: dict, meca: dict, aabl: dict, poison: Input[Dataset],
-          evaluate: Input[Metrics],
-          train: Input[Model] = None, warmup: Input[Model] = None, score: Input[Dataset] = None,
-          partition: Input[Dataset] = None, enhance: Input[Model] = None, identify: Input[Dataset] = None,
-          final_train: Input[Model] = None, relabel_finetune: Input[Model] = None) -> str:
+def track(run_id: str, defense: str, delivered: bool, upstream: list,
+          data: str = "", protocol: str = "", train_limit: int = 0, model: str = "", seed: int = 0,
+          attack: dict = {}, train: dict = {}, final: dict = {}, section: dict = {},
+          in0: Input[Artifact] = None, in1: Input[Artifact] = None, in2: Input[Artifact] = None,
+          in3: Input[Artifact] = None, in4: Input[Artifact] = None, in5: Input[Artifact] = None,
+          in6: Input[Artifact] = None, in7: Input[Artifact] = None, in8: Input[Artifact] = None,
+          in9: Input[Artifact] = None, in10: Input[Artifact] = None, in11: Input[Artifact] = None,
+          in12: Input[Artifact] = None, in13: Input[Artifact] = None, in14: Input[Artifact] = None,
+          in15: Input[Artifact] = None) -> str:
     """Record the pipeline run in MLflow when MLFLOW_TRACKING_URI is set: a parent run tagged with the KFP run id,
     one child run per stage, a stage served from the cache tagged with the run that produced it. Never cached.
     Returns the MLflow parent run id ('' without MLflow)."""
-    from components import tracking
+    from components.runner import track_run
 
-    given = {"poison": poison, "train": train, "warmup": warmup, "score": score, "partition": partition,
-             "enhance": enhance, "identify": identify, "final_train": final_train,
-             "relabel_finetune": relabel_finetune, "evaluate": evaluate}
-    config = {"protocol": protocol, "data": data, "train_limit": train_limit or None, "model": model_name,
-              "seed": seed, "attack": attack, "train": train_params, "final": final, "meca": meca, "aabl": aabl}
-    return tracking.record_pipeline_run(run_id, defense, config,
-                                        {k: (a.path, a.uri) for k, a in given.items() if a is not None},
-                                        tags={"unpoison.kfp_run_id": run_id})
+    given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
+                 train=train, final=final, section=section)
+    slots = [in0, in1, in2, in3, in4, in5, in6, in7, in8, in9, in10, in11, in12, in13, in14, in15]
+    return track_run(run_id, defense, delivered, given, upstream, slots)

@@ -131,3 +131,42 @@ def markdown(m: dict, plots: list[str]) -> str:
             lines.append(f"| {name} | {s['seconds']:.1f} | {_fmt(s.get('samples_per_second', '-'))} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def display_name(m: dict, model: str) -> str:
+    """How the console names a model: the reference "no defense", the defended model the defense's name."""
+    if model == m["defended"]:
+        return m["defense"] if m["defense"] != "none" else "no defense"
+    return "no defense" if model == "nodef" else f"{m['defense']}: {model}"
+
+
+def summary(m: dict) -> str:
+    """The console summary of a run: ACC, ASR, DER, target-class ACC (and RA) per model, detection, suspects."""
+    lines = []
+    if m["models"]:
+        robust = any(r.get("ra") is not None for r in m["models"].values())
+
+        def cell(v):
+            return f"{'' if v is None else f'{v:7.4f}':>7}"
+
+        target = m["attack"]["target"]
+        order = sorted(m["models"], key=lambda k: (display_name(m, k) != "no defense", k != m["defended"]))
+        lines.append(f"{'model':<24} {'ACC':>7} {'ASR':>7} {'DER':>7} {f'ACC({target})':>7}" + (f" {'RA':>7}" if robust else ""))
+        lines += [f"{display_name(m, k):<24} {cell(r['acc'])} {cell(r['asr'])} {cell(r.get('der'))} {cell(r['target_acc'])}"
+                  + (f" {cell(r.get('ra'))}" if robust else "") for k, r in ((k, m["models"][k]) for k in order)]
+        lines.append(f"ACC({target}): clean test accuracy on class {target} ({m['classes'][target]}), "
+                     + ("the attack's target; a low ASR with a low ACC({target}) is a lost class, not a removed "
+                        "backdoor" if m["attack"]["name"] != "none" else "set with attack.target").replace("{target}", str(target)))
+    if m.get("note"):
+        lines.append(m["note"])
+    if m.get("detection_tpr") is not None:
+        lines.append(f"detection: TPR {m['detection_tpr']:.4f}  FPR {m['detection_fpr']:.4f}  "
+                     f"precision {m['detection_precision']:.4f}")
+    if m.get("class_shares"):
+        top = m["class_shares"]["most_over_represented"]
+        lines.append(f"suspects: {m['flagged_share']:.1%} of the training set flagged"
+                     + (f"; most over-represented: class {top['class']} ({top['name']}), {top['ratio']:.2f}x the "
+                        f"average share" if top["class"] is not None else ""))
+    if "wall_seconds" in m:
+        lines.append(f"wall time: {m['wall_seconds']:.0f} s")
+    return "\n".join(lines)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 EXPERIMENT = os.environ.get("UNPOISON_MLFLOW_EXPERIMENT", "unpoison")
-SUMMARY_KEYS = ("acc", "asr", "der", "nodef_acc", "nodef_asr", "detection_tpr", "detection_fpr",
-                "detection_precision")
+SUMMARY_KEYS = ("acc", "asr", "der", "target_acc", "nodef_acc", "nodef_asr", "nodef_target_acc", "pred_target_share",
+                "detection_tpr", "detection_fpr", "detection_precision", "flagged_share")
 
 
 def default_uri(root: Path) -> str:
@@ -137,6 +137,9 @@ def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: d
         wall = 0.0
         for stage, (folder, artifact_uri) in stage_dirs.items():
             folder = Path(folder)
+            mlflow.set_tag(f"unpoison.artifact.{stage}", artifact_uri)
+            if not (folder / "stage.json").exists():  # an output apart from its stage's (the ground truth)
+                continue
             record = json.loads((folder / "stage.json").read_text())
             wall += record["seconds"]
             child_tags = {"unpoison.run": run_name, "unpoison.stage": stage,
@@ -144,7 +147,6 @@ def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: d
             producer = _producer(client, experiment.experiment_id, record["execution_id"])
             if producer is not None:
                 child_tags["unpoison.cached_from"] = producer
-            mlflow.set_tag(f"unpoison.artifact.{stage}", artifact_uri)
             with mlflow.start_run(run_name=stage, nested=True, tags=child_tags):
                 mlflow.log_metrics(_numeric({**record["result"], "seconds": record["seconds"]}))
                 history = folder / "history.json"
@@ -160,7 +162,8 @@ def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: d
             m = json.loads((evaluation / "metrics.json").read_text())
             mlflow.log_metrics(_numeric({k: m[k] for k in SUMMARY_KEYS if m.get(k) is not None}))
             for name, r in m.get("models", {}).items():
-                mlflow.log_metrics(_numeric({f"{name}_acc": r["acc"], f"{name}_asr": r["asr"]}))
+                mlflow.log_metrics(_numeric({f"{name}_acc": r["acc"], f"{name}_asr": r["asr"],
+                                             f"{name}_target_acc": r["target_acc"]}))
         if dataset is not None:
             _log_dataset(dataset)
         if final_model is not None:

@@ -1,10 +1,11 @@
 """The benchmark matrix: a protocol run for defenses x attacks, written to benchmarks/results/<protocol>-reference.json
-(a list of records) with a Markdown table beside it.
+(a list of records) with a Markdown table beside it. Attack `none` runs every defense on the clean data set: what
+a defense costs when nothing is poisoned (the "no attack" row of the seeds' tables).
 
-MeCa's warm-up stage *is* the no-defense training (same stage function, parameters, seed and poisoned data; a test
-checks that both give the same model), and so is A-ABL's when the protocol gives its stage 1 no overrides (the CPU
-protocol), so when a matrix holds `none` and such a defense, the `none` record of an attack is read from that run's
-warm-up model instead of training the same model twice.
+When a defense's reference model (its warm-up) is trained by the same stage function on the same inputs with the
+same parameters as the no-defense training (MeCa's always; A-ABL's when the protocol gives its stage 1 no
+overrides, as the CPU protocol does; a test checks that both give the same model), the `none` record of an attack
+is read from that run instead of training the same model twice.
 """
 
 from __future__ import annotations
@@ -16,16 +17,32 @@ from datetime import date
 from pathlib import Path
 
 from components import artifacts, tracking
-from components.errors import UnpoisonError
+from components.config import load_config, parse_overrides
+from components.defenses import get
 from pipelines import local
 
 KEYS = ("defense", "attack", "protocol", "acc", "asr", "der", "detection_tpr", "detection_fpr", "wall_seconds",
         "machine")
 
 
+def reference_stage(defense: str) -> str | None:
+    """The stage that trains a defense's reference (no-defense) model, if it has one."""
+    ev = get(defense).evaluation
+    return ev.models[ev.reference].split("/")[0] if ev.reference is not None else None
+
+
 def warmup_is_nodef(defense: str, cfg) -> bool:
-    """Whether the defense's warm-up stage trains exactly the no-defense model."""
-    return defense == "meca" or (defense == "a-abl" and not cfg.aabl.warmup)
+    """Whether the defense's reference stage trains exactly the no-defense model: the same stage function on the
+    same inputs with the same parameters (all but the progress bar's label)."""
+    ref = reference_stage(defense)
+    if ref is None:
+        return False
+    st, plain = get(defense).stage(ref), get("none").stages[0]
+
+    def params(s):
+        return {k: v for k, v in s.params(cfg).items() if k != "desc"}
+
+    return st.fn is plain.fn and dict(st.inputs) == dict(plain.inputs) and params(st) == params(plain)
 
 
 def machine() -> str:
@@ -51,13 +68,14 @@ def records_from_run(m: dict, run: str, include_none: bool) -> list[dict]:
     if m["defense"] == "none" or include_none:
         ref = m["models"]["nodef"]
         stages = m["stages"]
-        train_stage = stages.get("train") or stages["warmup"]
+        data_stage = "ingest" if m["attack"]["name"] == "none" else "poison"
+        train_stage = stages["train" if m["defense"] == "none" else reference_stage(m["defense"])]
         out.append({**base, "defense": "none", "acc": ref["acc"], "asr": ref["asr"], "der": None,
                     "target_acc": ref["target_acc"], "pred_target_share": ref["pred_target_share"],
                     "per_class_acc": ref["per_class_acc"],
                     **({"ra": ref["ra"]} if "ra" in ref else {}),
                     "detection_tpr": None, "detection_fpr": None,
-                    "wall_seconds": stages["poison"]["seconds"] + train_stage["seconds"],
+                    "wall_seconds": stages[data_stage]["seconds"] + train_stage["seconds"],
                     **({"source": f"warm-up stage of the {m['defense']} run"} if m["defense"] != "none" else {})})
     if m["defense"] != "none":
         relabelled = m["models"].get("relabelled", {})
@@ -75,13 +93,15 @@ def records_from_run(m: dict, run: str, include_none: bool) -> list[dict]:
 
 
 def robust_keys(m: dict) -> dict:
-    """A-ABL's extra figures: RA of the defended and the no-defense model, gamma and rho_vul of the Otsu split."""
+    """RA of the defended and the no-defense model (A-ABL), and of the split whose pools are the detection the share
+    kept as clean and its poison rate (A-ABL's gamma and rho_vul)."""
     out = {}
     if "ra" in m:
         out.update(ra=m["ra"], nodef_ra=m["models"]["nodef"].get("ra"))
-    if "otsu" in m.get("splits", {}):
-        kept = m["splits"]["otsu"]["clean"]
-        out.update(gamma=kept["share"], rho_vul=kept["poison_rate"])
+    detection = get(m["defense"]).evaluation.detection
+    if detection is not None and "clean" in m.get("splits", {}).get(detection, {}):
+        kept = m["splits"][detection]["clean"]
+        out.update(gamma=kept["share"], rho_vul=kept["poison_rate"], clean_target=kept.get("clean_target"))
     return out
 
 
@@ -112,20 +132,16 @@ def table(records: list[dict]) -> str:
 
 
 def main(args) -> None:
-    from pipelines.cli import _overrides
-    from components.config import load_config
-
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    unknown = [d for d in defenses if d not in local.DEFENSES]
-    if unknown:
-        raise UnpoisonError(f"unknown defense(s) {unknown}; choose from: {', '.join(local.DEFENSES)}")
+    for d in defenses:
+        get(d)  # an unknown defense fails before any run, naming the registry
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.protocol}-reference.json"
     uri = tracking.default_uri(args.runs)
     for attack in attacks:
-        cfg = load_config(args.protocol, _overrides(args.set, **{"attack.name": attack, "data": args.data}), args.config)
-        sharer = next((d for d in defenses if warmup_is_nodef(d, cfg)), None) if "none" in defenses else None
+        cfg = load_config(args.protocol, parse_overrides(args.set, **{"attack.name": attack, "data": args.data}), args.config)
+        sharer = next((d for d in defenses if d != "none" and warmup_is_nodef(d, cfg)), None) if "none" in defenses else None
         runs = [d for d in defenses if not (d == "none" and sharer)]
         for defense in runs:
             run_dir = local.run(defense, cfg, args.runs, mlflow_uri=uri,

@@ -8,57 +8,19 @@ from pathlib import Path
 
 import yaml
 
-from components.config import load_config, parse_value
+from components.config import load_config, parse_overrides
 from components.errors import UnpoisonError
 
 DEFAULT_OUT = Path("runs")
 
 
-def _overrides(pairs: list[str], **shortcuts) -> dict:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UnpoisonError(f"--set '{pair}' is not key=value; write it as e.g. --set train.lr=0.05")
-        out[key.strip()] = parse_value(value)
-    out.update({k: v for k, v in shortcuts.items() if v is not None})
-    return out
-
-
 def _config(args):
-    return load_config(args.protocol, _overrides(args.set, **{"attack.name": getattr(args, "attack", None),
+    return load_config(args.protocol, parse_overrides(args.set, **{"attack.name": getattr(args, "attack", None),
                                                               "data": getattr(args, "data", None)}), args.config)
 
 
-def summary_table(m: dict) -> str:
-    models = m["models"]
-    rows = [("no defense", models["nodef"])]
-    if m["defense"] != "none":
-        rows.append((m["defense"], {"acc": m["acc"], "asr": m["asr"], "der": m.get("der"), "ra": m.get("ra"),
-                                    "target_acc": m["target_acc"]}))
-        if "relabelled" in models:
-            rows.append((f"{m['defense']} + relabel", models["relabelled"]))
-    robust = any(r.get("ra") is not None for _, r in rows)
-
-    def cell(v):
-        return f"{'' if v is None else f'{v:7.4f}':>7}"
-
-    target = m["attack"]["target"]
-    lines = [f"{'model':<18} {'ACC':>7} {'ASR':>7} {'DER':>7} {f'ACC({target})':>7}" + (f" {'RA':>7}" if robust else "")]
-    lines += [f"{name:<18} {r['acc']:7.4f} {cell(r['asr'])} {cell(r.get('der'))} {cell(r['target_acc'])}"
-              + (f" {cell(r.get('ra'))}" if robust else "") for name, r in rows]
-    lines.append(f"ACC({target}): clean test accuracy on class {target} ({m['classes'][target]}), the attack's target; "
-                 f"a low ASR with a low ACC({target}) is a lost class, not a removed backdoor")
-    if m.get("detection_tpr") is not None:
-        lines.append(f"detection: TPR {m['detection_tpr']:.4f}  FPR {m['detection_fpr']:.4f}  "
-                     f"precision {m['detection_precision']:.4f}")
-    if "wall_seconds" in m:
-        lines.append(f"wall time: {m['wall_seconds']:.0f} s")
-    return "\n".join(lines)
-
-
 def cmd_run(args) -> None:
-    from components import artifacts, tracking
+    from components import artifacts, report, tracking
     from pipelines import local
 
     cfg = _config(args)
@@ -67,13 +29,13 @@ def cmd_run(args) -> None:
         from pipelines import kfp_pipelines as kp
 
         local.validate(args.defense, cfg)
-        run_dir, log = kp.run_local(kp.PIPELINES[args.defense], kp.arguments(cfg), args.out / "kfp-local",
-                                    mlflow_uri=uri)
+        run_dir, log = kp.run_local(kp.build(args.defense, delivered=cfg.attack.name == "none"),
+                                    kp.arguments(cfg, args.defense), args.out / "kfp-local", mlflow_uri=uri)
         print(f"executed: {', '.join(log.executed) or 'nothing'}; from cache: {', '.join(log.cached) or 'nothing'}")
     else:
         run_dir = local.run(args.defense, cfg, args.out, mlflow_uri=uri, name=args.name)
     m = artifacts.read_json(run_dir / "metrics.json")
-    print(summary_table(m))
+    print(report.summary(m))
     print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
     if uri:
         print(f"mlflow: {uri}")
@@ -93,18 +55,18 @@ def cmd_compile(args) -> None:
 def cmd_submit(args) -> None:
     import kfp
 
+    from components.defenses import get
     from pipelines import kfp_pipelines as kp
-    from pipelines import local
     from pipelines.local import validate
 
-    if args.defense not in local.DEFENSES:
-        raise UnpoisonError(f"unknown defense '{args.defense}'; choose one of: {', '.join(local.DEFENSES)}")
+    get(args.defense)  # an unknown defense fails before anything else
     cfg = _config(args)
     if args.validate_data:
         validate(args.defense, cfg)
     try:
         client = kfp.Client(host=args.host)
-        run = client.create_run_from_pipeline_func(kp.PIPELINES[args.defense], arguments=kp.arguments(cfg),
+        run = client.create_run_from_pipeline_func(kp.build(args.defense, delivered=cfg.attack.name == "none"),
+                                                   arguments=kp.arguments(cfg, args.defense),
                                                    experiment_name=args.experiment, enable_caching=True,
                                                    run_name=args.name, service_account=args.service_account)
     except Exception as e:  # kfp raises urllib3 / kfp_server_api errors of many kinds
@@ -143,7 +105,18 @@ def cmd_data_push(args) -> None:
         print(store.put_file(args.local, f"s3://{bucket}/{key}{name}"))
 
 
+ATTACK_HELP = ("the attack to inject: {attacks}; 'none' defends the data set as delivered (it may already be "
+               "poisoned): nothing is injected, the labels are used as they are, and the run writes suspects.parquet "
+               "(every sample with its source file or shard row, label, scores and pool, most suspicious first), the "
+               "share flagged per class and a grid of the most and least suspicious images (default: the protocol's)")
+
+
 def parser() -> argparse.ArgumentParser:
+    from components.attacks import ATTACKS
+    from components.defenses import REGISTRY
+
+    defenses = ", ".join(REGISTRY)
+    attack_help = ATTACK_HELP.format(attacks=", ".join(ATTACKS))
     p = argparse.ArgumentParser(prog="unpoison", description="Train clean classifiers on backdoor-poisoned data.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -154,8 +127,8 @@ def parser() -> argparse.ArgumentParser:
                         help="override a setting, e.g. --set train.epochs=3 meca.gamma=0.05")
 
     r = sub.add_parser("run", help="run a defense pipeline locally")
-    r.add_argument("defense", help="none, meca, a-abl or adv-train")
-    r.add_argument("--attack", help="badnets, blend, sig or wanet (default: the protocol's)")
+    r.add_argument("defense", help=defenses)
+    r.add_argument("--attack", help=attack_help)
     r.add_argument("--data", help="'sample', a folder of Parquet shards, a cifar-10-batches-py folder, "
                                   "an image folder or an .npz file")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for run folders (default: runs)")
@@ -173,11 +146,11 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_compile)
 
     sb = sub.add_parser("submit", help="submit a defense pipeline to a KFP cluster")
-    sb.add_argument("defense", help="none, meca, a-abl or adv-train")
+    sb.add_argument("defense", help=defenses)
     sb.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     sb.add_argument("--experiment", default="unpoison")
     sb.add_argument("--name", help="run name")
-    sb.add_argument("--attack")
+    sb.add_argument("--attack", help=attack_help)
     sb.add_argument("--data", help="data source as the pods see it: sample or s3://bucket/prefix/")
     sb.add_argument("--wait", action="store_true", help="wait for the run to finish")
     sb.add_argument("--timeout", type=int, default=24 * 3600)
@@ -187,11 +160,18 @@ def parser() -> argparse.ArgumentParser:
     common(sb)
     sb.set_defaults(func=cmd_submit)
 
-    rr = sub.add_parser("rerun", help="rerun one stage of an earlier run on its recorded input artifacts")
-    rr.add_argument("--run", required=True, help="the earlier run: its name, KFP run id or MLflow run id")
-    rr.add_argument("--stage", required=True, help="stage to rerun, e.g. final_train")
+    rr = sub.add_parser("rerun", help="rerun one stage (or it and everything after it) of an earlier run on the "
+                                      "earlier run's recorded outputs of every other stage")
+    rr.add_argument("--run", required=True, help="the earlier run: its run folder, name, KFP run id or MLflow run id")
+    rr.add_argument("--stage", required=True, help="the stage to rerun, e.g. score, partition, final_train (an "
+                                                   "unknown stage is reported with the defense's stages)")
+    rr.add_argument("--downstream", action="store_true", help="also rerun every stage that depends on it, through "
+                                                                "evaluation")
+    rr.add_argument("--engine", choices=["local", "kfp-local"], help="default: the engine of the earlier run")
     rr.add_argument("--mlflow-uri", help="where the earlier run was recorded (default: sqlite:///runs/mlflow.db)")
-    rr.add_argument("--host", help="KFP API endpoint: submit there; without it the stage runs under kfp.local")
+    rr.add_argument("--no-mlflow", action="store_true", help="do not record the rerun in MLflow")
+    rr.add_argument("--host", help="KFP API endpoint: submit the rerun there (inputs imported from the recorded "
+                                   "artifact URIs)")
     rr.add_argument("--experiment", default="unpoison")
     rr.add_argument("--out", type=Path, default=DEFAULT_OUT)
     rr.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
@@ -205,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("benchmark", help="run a protocol for defenses x attacks and write benchmarks/results")
     b.add_argument("--defenses", default="none,meca")
-    b.add_argument("--attacks", default="badnets,blend,sig,wanet")
+    b.add_argument("--attacks", default="badnets,blend,sig,wanet",
+                   help="comma-separated attacks; 'none' measures each defense on the clean data set")
     b.add_argument("--data", required=True, help="the full CIFAR-10 set (the CPU protocol takes shard 0)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     b.add_argument("--runs", type=Path, default=Path("runs/benchmark"))

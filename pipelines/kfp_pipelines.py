@@ -1,21 +1,29 @@
-"""The defenses as KFP pipelines, their compilation, and their local execution under kfp.local.
+"""The defenses as KFP pipelines, built from their declarations; their compilation, and their local execution under
+kfp.local.
 
-Pipeline parameters are the CLI's configuration (`RunConfig`): `data`, `protocol`, `train_limit`, `model`, `seed`,
-`attack`, `train`, `final`, `meca` and `aabl` (the last five as dicts). Every training and scoring task asks for a GPU node
-(`on_gpu`); every task reads the S3 and MLflow credentials from Kubernetes Secrets as environment variables.
+A defense's pipeline parameters are the CLI's shared configuration (`data`, `protocol`, `train_limit`, `model`,
+`seed`, and as dicts `attack`, `train`, `final`) and its own section (`meca`, `aabl`), never another defense's. Every
+stage is a task named after it; each task binds only the parameters its stage reads. Every training and scoring
+task asks for a GPU node (`on_gpu`); every task reads the S3 and MLflow credentials from Kubernetes Secrets as
+environment variables.
 """
 
 
+import copy
+import dataclasses
+import inspect
 import logging
 import os
 import re
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
-from kfp.dsl import Dataset
+from kfp.dsl import Dataset, Model
 
 from components import kfp_components as c
 from components.config import RunConfig
+from components.defenses import REGISTRY, get
+from components.defenses.base import DATA, Defense
 
 COMPILED = Path(__file__).resolve().parent / "compiled"
 S3_SECRET = "unpoison-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT
@@ -30,7 +38,7 @@ def without_none(tree):
     return tree
 
 
-DEFAULTS = without_none(RunConfig().model_dump())
+DEFAULTS = {**without_none(RunConfig().model_dump()), "train_limit": 10000}  # the CPU protocol's, as in cpu.yaml
 
 
 def with_secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -60,132 +68,122 @@ def on_cpu(task: dsl.PipelineTask, *, cpu: str = "2", memory: str = "8Gi") -> ds
     return with_secrets(task)
 
 
-def _track(defense: str, params: dict, stage_outputs: dict):
-    """The last task: record the run in MLflow (`params`: the pipeline's parameters)."""
-    p = dict(params)
-    p["model_name"], p["train_params"] = p.pop("model"), p.pop("train")
-    task = c.track(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, defense=defense, **p, **stage_outputs)
-    with_secrets(task).set_caching_options(enable_caching=False)  # bookkeeping: runs every time
-    task.set_cpu_request("1").set_memory_request("2Gi")
-    return task
+CONFIG_KEYS = ("data", "protocol", "train_limit", "model", "seed", "attack", "train", "final")  # every pipeline's
 
 
-def _evaluate_and_track(defense: str, params: dict, poisoned: dsl.PipelineTask, stage_outputs: dict):
-    """The last two tasks of every defense: evaluation (the only task that reads the ground truth), then tracking.
-    `params`: the pipeline's parameters; `stage_outputs`: stage name -> its output artifact."""
-    dataset = poisoned.outputs["poisoned"]
-    evaluated = on_gpu(c.evaluate(data=params["data"], defense=defense, protocol=params["protocol"],
-                                  model_name=params["model"], poison=dataset, truth=poisoned.outputs["truth"],
-                                  aabl=params["aabl"], **stage_outputs))
-    _track(defense, params, {"poison": dataset, "evaluate": evaluated.outputs["metrics"], **stage_outputs})
-    return evaluated.outputs["metrics"]
+def _named(comp, name: str, description: str):
+    """A copy of a generic component whose tasks carry the stage's name (KFP names a task after its component)."""
+    named = copy.copy(comp)
+    named.component_spec = dataclasses.replace(comp.component_spec, name=name.replace("_", "-"),
+                                               description=description)
+    named.name = named.component_spec.name
+    return named
 
 
-@dsl.pipeline(name="unpoison-none", description="No defense: plain training on the poisoned set (DER's reference).")
-def none_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
-                  model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
-                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
-                  aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
-    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
-    poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
-    trained = on_gpu(c.train(dataset=poisoned.outputs["poisoned"], params=train, overrides={}, model_name=model,
-                             monitor_data=data, stage="train"))
-    return _evaluate_and_track("none", params, poisoned, {"train": trained.outputs["model"]})
+def parameters(d: Defense) -> list[str]:
+    """A defense's pipeline parameters: the shared configuration keys and its own section, never another's."""
+    return [*CONFIG_KEYS, *([d.section] if d.section else [])]
 
 
-@dsl.pipeline(name="unpoison-meca", description="MeCa (paper 000): perturbation scoring, partition, backdoor "
-                                                 "enhancement, clean training, relabel and fine-tune.")
-def meca_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
-                  model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
-                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
-                  aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
-    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
-    poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
-    dataset = poisoned.outputs["poisoned"]
-    warm = on_gpu(c.train(dataset=dataset, params=train, overrides={}, model_name=model, monitor_data=data, stage="warmup"))
-    scored = on_gpu(c.score_kl(dataset=dataset, model=warm.outputs["model"], meca=meca, seed=seed))
-    part = on_cpu(c.partition_meca(scores=scored.outputs["scores"], meca=meca))
-    enhanced = on_gpu(c.enhance_meca(dataset=dataset, model=warm.outputs["model"], split=part.outputs["split"],
-                                     meca=meca, train=train, seed=seed))
-    ident = on_gpu(c.identify_clean(dataset=dataset, enhanced=enhanced.outputs["enhanced"]))
-    clean = on_gpu(c.train(dataset=dataset, split=ident.outputs["split"], params=train, overrides=final,
-                           model_name=model,
-                           monitor_data=data, stage="final_train"))
-    fine = on_gpu(c.relabel_finetune(dataset=dataset, split=ident.outputs["split"], model=clean.outputs["model"],
-                                     train=train, meca=meca, monitor_data=data))
-    stage_outputs = {"warmup": warm.outputs["model"], "score": scored.outputs["scores"], "partition": part.outputs["split"],
-                     "enhance": enhanced.outputs["enhanced"], "identify": ident.outputs["split"],
-                     "final_train": clean.outputs["model"], "relabel_finetune": fine.outputs["finetuned"]}
-    return _evaluate_and_track("meca", params, poisoned, stage_outputs)
+def _config_args(d: Defense, p: dict, keys) -> dict:
+    """The task arguments for configuration keys `keys` (the defense's section goes to `section`)."""
+    return {("section" if k == d.section else k): p[k] for k in dict.fromkeys(keys)}
 
 
-@dsl.pipeline(name="unpoison-a-abl", description="A-ABL (paper 001): naive training, iFGSM + SCE scoring, Otsu split, "
-                                                  "PGD adversarial training on the vulnerable part.")
-def aabl_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
-                  model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
-                  train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
-                  aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
-    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
-    poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
-    dataset = poisoned.outputs["poisoned"]
-    common = dict(dataset=dataset, train=train, final=final, aabl=aabl, model_name=model, monitor_data=data)
-    warm = on_gpu(c.train_aabl(stage="warmup", **common))
-    scored = on_gpu(c.score_adv_sce(dataset=dataset, model=warm.outputs["model"], aabl=aabl))
-    part = on_cpu(c.partition_otsu(scores=scored.outputs["scores"], aabl=aabl))
-    robust = on_gpu(c.train_aabl(stage="final_train", split=part.outputs["split"], **common))
-    stage_outputs = {"warmup": warm.outputs["model"], "score": scored.outputs["scores"],
-                     "partition": part.outputs["split"], "final_train": robust.outputs["model"]}
-    return _evaluate_and_track("a-abl", params, poisoned, stage_outputs)
+def _slots(outputs: dict, names) -> dict:
+    names = list(names)
+    if len(names) > c.SLOTS:
+        raise ValueError(f"a stage reads {len(names)} outputs; the generic components take {c.SLOTS}")
+    return {"upstream": names, **{f"in{i}": outputs[n] for i, n in enumerate(names)}}
 
 
-@dsl.pipeline(name="unpoison-adv-train", description="A-ABL's Adv. Train baseline: PGD adversarial training on the "
-                                                      "whole poisoned set, beside naive training.")
-def adv_train_pipeline(data: str = DEFAULTS["data"], protocol: str = "cpu", train_limit: int = 10000,
-                       model: str = DEFAULTS["model"], seed: int = 0, attack: dict = DEFAULTS["attack"],
-                       train: dict = DEFAULTS["train"], final: dict = {}, meca: dict = DEFAULTS["meca"],
-                       aabl: dict = DEFAULTS["aabl"]) -> dsl.Metrics:
-    params = dict(locals())  # the pipeline's parameters, for evaluation and tracking
-    poisoned = on_cpu(c.poison(data=data, attack=attack, train_limit=train_limit))
-    dataset = poisoned.outputs["poisoned"]
-    common = dict(dataset=dataset, train=train, final=final, aabl=aabl, model_name=model, monitor_data=data)
-    warm = on_gpu(c.train_aabl(stage="warmup", **common))
-    robust = on_gpu(c.train_aabl(stage="final_train", **common))
-    stage_outputs = {"warmup": warm.outputs["model"], "final_train": robust.outputs["model"]}
-    return _evaluate_and_track("adv-train", params, poisoned, stage_outputs)
+def build(defense: str, *, delivered: bool = False, execute: list[str] | None = None,
+          imported: dict[str, str] | None = None):
+    """The defense's KFP pipeline, built from its declaration. For a rerun, `execute` names the stages that run and
+    `imported` maps every other stage the run needs (and `truth`) to the artifact URI an earlier run recorded; they
+    come in through dsl.importer, so nothing upstream executes. A full pipeline returns the evaluation metrics, a
+    rerun the output of the last stage it executes."""
+    d = get(defense)
+    plan = d.plan(delivered)
+    data_name = plan[0].name
+    names = parameters(d)
+    run_all = execute is None
+    execute = [s.name for s in plan] if run_all else execute
+    kinds = {st.name: (Dataset if st.kind == "dataset" else Model) for st in plan}
+    kinds.update({data_name: Dataset, "truth": Dataset})
+
+    def body(*args):
+        p = dict(zip(names, args))
+        outputs = {}
+        for name, uri in (imported or {}).items():
+            if name not in execute:
+                outputs[name] = dsl.importer(artifact_uri=uri, artifact_class=kinds.get(name, Dataset),
+                                             reimport=False).output
+        last = None
+        for st in plan:
+            if st.name not in execute:
+                continue
+            if st is plan[0]:
+                task = on_cpu(_named(c.ingest if delivered else c.poison, st.name, st.fn.__doc__.split(".")[0])(
+                    data=p["data"], attack=p["attack"], train_limit=p["train_limit"]))
+                outputs[st.name], outputs["truth"] = task.outputs["dataset"], task.outputs["truth"]
+                continue
+            keys = (*st.reads, *(["data"] if st.monitor else []))
+            upstream = [data_name if u == DATA else u for u in st.upstream]
+            if st.name == "evaluate":
+                upstream.insert(1, "truth")
+                task = on_gpu(c.evaluate(defense=defense, delivered=delivered, **_config_args(d, p, keys),
+                                         **_slots(outputs, upstream)))
+                outputs[st.name] = last = task.outputs["metrics"]
+                continue
+            comp = c.stage_model if st.kind == "model" else c.stage_dataset
+            task = _named(comp, st.name, (st.fn.__doc__ or st.name).split(".")[0])(
+                defense=defense, stage=st.name, delivered=delivered, **_config_args(d, p, keys),
+                **_slots(outputs, upstream))
+            (on_gpu if st.gpu else on_cpu)(task)
+            outputs[st.name] = last = task.outputs["out"]
+        tracked = [s.name for s in plan if s.name in outputs] + ["truth"]
+        track = c.track(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, defense=defense, delivered=delivered,
+                        **_config_args(d, p, names), **_slots(outputs, tracked))
+        with_secrets(track).set_caching_options(enable_caching=False)  # bookkeeping: runs every time
+        track.set_cpu_request("1").set_memory_request("2Gi")
+        return last
+
+    last_stage = [s for s in plan if s.name in execute][-1]
+    body.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULTS[n],
+                           annotation=type(DEFAULTS[n])) for n in names],
+        return_annotation=dsl.Metrics if last_stage.name == "evaluate" else kinds[last_stage.name])
+    body.__name__ = f"{defense.replace('-', '_')}_pipeline"
+    suffix = ("-delivered" if delivered else "") + ("" if run_all else f"-rerun-{execute[0]}".replace("_", "-"))
+    return dsl.pipeline(name=f"unpoison-{defense}{suffix}", description=d.description)(body)
 
 
-@dsl.pipeline(name="unpoison-rerun-final-train",
-              description="Rerun MeCa's final training alone on an earlier run's data set and split.")
-def rerun_final_train(dataset_uri: str, split_uri: str, train: dict = DEFAULTS["train"], final: dict = {},
-                      model: str = DEFAULTS["model"], data: str = DEFAULTS["data"]) -> dsl.Model:
-    dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=False)
-    split = dsl.importer(artifact_uri=split_uri, artifact_class=Dataset, reimport=False)
-    task = on_gpu(c.train(dataset=dataset.output, split=split.output, params=train, overrides=final, model_name=model,
-                          monitor_data=data, stage="final_train"))
-    return task.outputs["model"]
+def pipeline_name(defense: str, delivered: bool) -> str:
+    """The compiled file's stem: `<defense>` (an attack is injected) or `<defense>-delivered` (--attack none)."""
+    return f"{defense}-delivered" if delivered else defense
 
 
-PIPELINES = {"none": none_pipeline, "meca": meca_pipeline, "a-abl": aabl_pipeline, "adv-train": adv_train_pipeline,
-             "rerun-final_train": rerun_final_train}
-# Which stage of an earlier run feeds each importer of a rerun pipeline.
-RERUN_INPUTS = {"final_train": {"dataset_uri": "poison", "split_uri": "identify"}}
-
-
-def arguments(cfg: RunConfig) -> dict:
+def arguments(cfg: RunConfig, defense: str) -> dict:
     """Pipeline arguments from a validated configuration (the seed goes into the training params, as locally)."""
-    return without_none({"data": cfg.data, "protocol": cfg.protocol, "train_limit": cfg.train_limit or 0,
-                     "model": cfg.model, "seed": cfg.seed, "attack": cfg.attack.model_dump(),
-                     "train": cfg.train.model_copy(update={"seed": cfg.seed}).model_dump(), "final": cfg.final,
-                     "meca": cfg.meca.model_dump(), "aabl": cfg.aabl.model_dump()})
+    d = get(defense)
+    tree = {"data": cfg.data, "protocol": cfg.protocol, "train_limit": cfg.train_limit or 0, "model": cfg.model,
+            "seed": cfg.seed, "attack": cfg.attack.model_dump(),
+            "train": cfg.train.model_copy(update={"seed": cfg.seed}).model_dump(), "final": cfg.final}
+    if d.section:
+        tree[d.section] = getattr(cfg, d.section).model_dump()
+    return without_none(tree)
 
 
 def compile_all(folder: Path = COMPILED) -> list[Path]:
+    """Every defense's pipeline, for an injected attack and for a data set as delivered."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, fn in PIPELINES.items():
-        path = folder / f"{name}.yaml"
-        compiler.Compiler().compile(fn, str(path))
-        out.append(path)
+    for name in REGISTRY:
+        for delivered in (False, True):
+            path = folder / f"{pipeline_name(name, delivered)}.yaml"
+            compiler.Compiler().compile(build(name, delivered=delivered), str(path))
+            out.append(path)
     return out
 
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from components import artifacts, engine, evaluation
-from components.config import AablParams, TrainParams, load_config
+from components.config import TrainParams, load_config
+from components.defenses.aabl import AablParams, final_train_params, warmup_params
 from components.defenses import aabl
 from components.errors import UnpoisonError
 from components.splits import otsu_threshold
@@ -138,10 +139,10 @@ def test_config_rejects_unknown_keys_in_the_stage_overrides():
     with pytest.raises(UnpoisonError, match="unknown key 'epoch' in aabl.final"):
         load_config("cpu", {"aabl.final": {"epoch": 3}})
     cfg = load_config("cpu", {"aabl.final.epochs": 3, "aabl.warmup.optimizer": "adam", "aabl.warmup.lr": 0.001})
-    assert cfg.aabl_final_params().epochs == 3 and cfg.aabl_warmup_params().optimizer == "adam"
+    assert final_train_params(cfg).epochs == 3 and warmup_params(cfg).optimizer == "adam"
     paper = load_config("paper")
-    assert paper.aabl_warmup_params().optimizer == "adam" and paper.aabl_warmup_params().epochs == 20
-    assert paper.aabl_final_params().epochs == 100 and paper.aabl_final_params().milestones == [50, 75, 90]
+    assert warmup_params(paper).optimizer == "adam" and warmup_params(paper).epochs == 20
+    assert final_train_params(paper).epochs == 100 and final_train_params(paper).milestones == [50, 75, 90]
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -193,9 +194,9 @@ def test_compiled_aabl_pipeline_asks_for_a_gpu_on_every_training_and_scoring_tas
 
     pipeline, platform = yaml.safe_load_all((kp.COMPILED / "a-abl.yaml").read_text())
     tasks = pipeline["root"]["dag"]["tasks"]
-    assert {"train-aabl", "train-aabl-2", "score-adv-sce", "partition-otsu", "evaluate"} <= set(tasks)
+    assert {"warmup", "final-train", "score", "partition", "evaluate"} <= set(tasks)
     executors = pipeline["deploymentSpec"]["executors"]
-    for name in ("train-aabl", "train-aabl-2", "score-adv-sce", "evaluate"):
+    for name in ("warmup", "final-train", "score", "evaluate"):
         executor = pipeline["components"][tasks[name]["componentRef"]["name"]]["executorLabel"]
         assert executors[executor]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
         tolerations = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]["tolerations"]

@@ -11,20 +11,26 @@ import pytest
 import yaml
 
 from components.config import load_config
+from components.defenses import REGISTRY
 from pipelines import kfp_pipelines as kp
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_TASKS = {"train", "train-2", "score-kl", "enhance-meca", "identify-clean", "relabel-finetune", "evaluate",
-             "train-aabl", "train-aabl-2", "score-adv-sce"}
-STAGE_TASKS = {"poison", "train", "score-kl", "partition-meca", "enhance-meca", "identify-clean", "train-2",
-               "relabel-finetune", "evaluate"}
+MECA_TASKS = {"poison", "warmup", "score", "partition", "enhance", "identify", "final-train", "relabel-finetune",
+              "evaluate"}
 TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
 
 
 def _spec(name):
     pipeline, platform = yaml.safe_load_all((kp.COMPILED / f"{name}.yaml").read_text())
     return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _executed(out: str) -> list[str]:
+    """The tasks a kfp-local run printed as executed, without importers and tracking."""
+    line = [ln for ln in out.splitlines() if ln.startswith("executed: ")][-1]
+    tasks = line.removeprefix("executed: ").split(";")[0].split(", ")
+    return sorted(t for t in tasks if not t.startswith("importer") and t != "track")
 
 
 def test_checked_in_yaml_is_current(tmp_path):
@@ -41,28 +47,30 @@ def test_checked_in_yaml_is_current(tmp_path):
     assert {p.name for p in kp.COMPILED.glob("*.yaml")} == {p.name for p in tmp_path.glob("*.yaml")}
 
 
-@pytest.mark.parametrize("name", ["meca", "none", "a-abl", "adv-train", "rerun-final_train"])
+@pytest.mark.parametrize("name", [kp.pipeline_name(d, delivered) for d in REGISTRY for delivered in (False, True)])
 def test_compiled_spec_asks_for_gpus_secrets_and_caching(name):
+    defense = REGISTRY[name.removesuffix("-delivered")]
+    gpu_tasks = {s.name.replace("_", "-") for s in defense.plan(name.endswith("-delivered")) if s.gpu}
     pipeline, platform = _spec(name)
     tasks = pipeline["root"]["dag"]["tasks"]
     executors = pipeline["deploymentSpec"]["executors"]
-    gpu_tasks = [t for t in tasks if t in GPU_TASKS]
-    assert gpu_tasks, "no training or scoring task"
+    assert set(tasks) == {s.replace("_", "-") for s in defense.stage_names(name.endswith("-delivered"))} | {"track"}
+    assert gpu_tasks and "evaluate" in gpu_tasks
     for task_name, task in tasks.items():
         executor = pipeline["components"][task["componentRef"]["name"]]["executorLabel"]
-        if "importer" in executors[executor]:
-            continue
         resources = executors[executor]["container"]["resources"]
         k8s = platform[executor]
         secrets = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in k8s["secretAsEnv"]}
         assert secrets["unpoison-s3"] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"}
         assert secrets["unpoison-mlflow"] == {"MLFLOW_TRACKING_URI"}
         assert "cpuRequest" in resources and "memoryRequest" in resources
-        if task_name in GPU_TASKS:
+        if task_name in gpu_tasks:
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
             assert resources["accelerator"]["resourceCount"] == "1"
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
             assert task["retryPolicy"]["maxRetryCount"] == 2
+        else:
+            assert "accelerator" not in resources, task_name
         if task_name == "track":
             assert not task.get("cachingOptions", {}).get("enableCache"), "tracking must run every time"
         else:
@@ -73,22 +81,35 @@ def test_compiled_spec_asks_for_gpus_secrets_and_caching(name):
         assert not any("secret" in p.lower() or "key" in p.lower() for p in params)
 
 
+def test_a_pipeline_takes_its_own_section_and_never_another_defenses():
+    meca, _ = _spec("meca")
+    aabl, _ = _spec("a-abl")
+    none, _ = _spec("none")
+    shared = {"data", "protocol", "train_limit", "model", "seed", "attack", "train", "final"}
+    assert set(meca["root"]["inputDefinitions"]["parameters"]) == shared | {"meca"}
+    assert set(aabl["root"]["inputDefinitions"]["parameters"]) == shared | {"aabl"}
+    assert set(none["root"]["inputDefinitions"]["parameters"]) == shared
+    # each task binds only what its stage reads: the partition task sees meca, not train or final
+    bound = meca["root"]["dag"]["tasks"]["partition"]["inputs"]["parameters"]
+    assert "section" in bound and not {"train", "final", "seed"} & set(bound)
+
+
 @pytest.fixture(scope="module")
 def kfp_runs(tmp_path_factory):
     """Three runs of the MeCa pipeline under kfp.local: first, identical second, and one with a final-training change."""
     root = tmp_path_factory.mktemp("kfp")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config("cpu", TINY)
-    runs = [kp.run_local(kp.meca_pipeline, kp.arguments(cfg), root, mlflow_uri=uri) for _ in range(2)]
+    runs = [kp.run_local(kp.build("meca"), kp.arguments(cfg, "meca"), root, mlflow_uri=uri) for _ in range(2)]
     changed = load_config("cpu", {**TINY, "final.lr": 0.05})
-    runs.append(kp.run_local(kp.meca_pipeline, kp.arguments(changed), root, mlflow_uri=uri))
+    runs.append(kp.run_local(kp.build("meca"), kp.arguments(changed, "meca"), root, mlflow_uri=uri))
     return root, uri, runs
 
 
 def test_first_run_executes_every_stage(kfp_runs):
     _, _, runs = kfp_runs
     metrics_dir, log = runs[0]
-    assert set(log.executed) == STAGE_TASKS | {"track"} and not log.cached
+    assert set(log.executed) == MECA_TASKS | {"track"} and not log.cached
     m = json.loads((metrics_dir / "metrics.json").read_text())
     assert m["defense"] == "meca" and 0 <= m["asr"] <= 1 and 0 <= m["acc"] <= 1 and 0 <= m["der"] <= 1
     assert set(m["models"]) == {"nodef", "enhanced", "clean", "relabelled"}
@@ -98,15 +119,15 @@ def test_identical_second_run_executes_no_stage(kfp_runs):
     _, _, runs = kfp_runs
     _, log = runs[1]
     assert log.executed == ["track"]  # bookkeeping only, never cached
-    assert set(log.cached) == STAGE_TASKS
+    assert set(log.cached) == MECA_TASKS
 
 
 def test_final_training_change_reruns_only_what_depends_on_it(kfp_runs):
     _, _, runs = kfp_runs
     _, log = runs[2]
     # final training, the fine-tune of its model, evaluation (and tracking); nothing upstream
-    assert set(log.executed) == {"train-2", "relabel-finetune", "evaluate", "track"}
-    assert set(log.cached) == STAGE_TASKS - {"train-2", "relabel-finetune", "evaluate"}
+    assert set(log.executed) == {"final-train", "relabel-finetune", "evaluate", "track"}
+    assert set(log.cached) == MECA_TASKS - {"final-train", "relabel-finetune", "evaluate"}
 
 
 def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
@@ -132,24 +153,49 @@ def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
     assert 0 <= parents[0].data.metrics["asr"] <= 1
 
 
-def test_rerun_one_stage_on_recorded_artifacts(kfp_runs, tmp_path, capsys):
-    _, uri, _ = kfp_runs
+def _first_run_id(uri):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("unpoison")
     first = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
              if "mlflow.parentRunId" not in r.data.tags][0]
-    code = main(["rerun", "--run", first.data.tags["unpoison.kfp_run_id"], "--stage", "final_train", "--mlflow-uri",
-                 uri, "--out", str(tmp_path), "--set", "final.lr=0.02"])
+    return first.data.tags["unpoison.kfp_run_id"]
+
+
+def test_rerun_one_stage_on_recorded_artifacts(kfp_runs, tmp_path, capsys):
+    _, uri, _ = kfp_runs
+    code = main(["rerun", "--run", _first_run_id(uri), "--stage", "final_train", "--mlflow-uri", uri,
+                 "--out", str(tmp_path), "--set", "final.lr=0.02", "--no-mlflow"])
     assert code == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()
-    executed = [ln for ln in lines if ln.startswith("executed: ")][-1].removeprefix("executed: ").split(";")[0]
-    assert [t for t in executed.split(", ") if not t.startswith("importer")] == ["train"]  # one stage; inputs imported
-    model = Path([ln for ln in lines if ln.startswith("model: /")][-1].removeprefix("model: "))
+    assert _executed(out) == ["final-train"]  # one stage; every input imported
+    model = Path([ln for ln in out.splitlines() if ln.startswith("output: ")][-1].removeprefix("output: "))
     meta = json.loads((model / "model.json").read_text())
     assert meta["train_params"]["lr"] == 0.02 and meta["trained_on"] < 600
+
+
+def test_rerun_a_partition_alone_and_a_scoring_stage_with_everything_downstream(kfp_runs, tmp_path, capsys):
+    _, uri, _ = kfp_runs
+    run_id = _first_run_id(uri)
+    assert main(["rerun", "--run", run_id, "--stage", "partition", "--mlflow-uri", uri, "--out", str(tmp_path),
+                 "--set", "meca.gamma=0.2", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert _executed(out) == ["partition"]
+    assert "partition: clean 120  samples 600  suspect 480" in out  # gamma 0.2 of 600 unlearned in round 0
+    assert main(["rerun", "--run", run_id, "--stage", "score", "--downstream", "--mlflow-uri", uri,
+                 "--out", str(tmp_path), "--set", "meca.eps=0.2", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert _executed(out) == sorted(MECA_TASKS - {"poison", "warmup"})  # nothing upstream of score
+    assert "no defense" in out and "meca" in out  # evaluation ran: the summary is printed
+
+
+def test_rerun_an_unknown_stage_names_the_defenses_stages(kfp_runs, tmp_path, capsys):
+    _, uri, _ = kfp_runs
+    assert main(["rerun", "--run", _first_run_id(uri), "--stage", "scoring", "--mlflow-uri", uri,
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "defense 'meca' has no stage 'scoring'" in err and "warmup, score, partition, enhance" in err
 
 
 def test_rerun_unknown_run_is_a_clear_error(tmp_path, capsys):
@@ -184,8 +230,7 @@ def test_cli_runs_the_pipeline_under_kfp_local(tmp_path, capsys):
 def test_aabl_pipeline_runs_under_kfp_local(tmp_path):
     cfg = load_config("cpu", {"train_limit": 400, "train.epochs": 1, "aabl.final.epochs": 1, "aabl.adv_steps": 1,
                               "aabl.ra_steps": 1, "attack.name": "trojan"})
-    metrics_dir, log = kp.run_local(kp.aabl_pipeline, kp.arguments(cfg), tmp_path)
-    assert set(log.executed) == {"poison", "train-aabl", "score-adv-sce", "partition-otsu", "train-aabl-2", "evaluate",
-                                 "track"}
+    metrics_dir, log = kp.run_local(kp.build("a-abl"), kp.arguments(cfg, "a-abl"), tmp_path)
+    assert set(log.executed) == {"poison", "warmup", "score", "partition", "final-train", "evaluate", "track"}
     m = json.loads((metrics_dir / "metrics.json").read_text())
     assert m["defense"] == "a-abl" and 0 <= m["ra"] <= 1 and "otsu" in m["splits"]
