@@ -87,19 +87,20 @@ def markdown(m: dict, plots: list[str]) -> str:
     if m.get("note"):
         lines += [f"**{m['note']}**", ""]
     if m.get("class_shares"):
-        cs = m["class_shares"]
-        top = cs["most_over_represented"]
+        cs, top = m["class_shares"], (m.get("top_suspects") or {}).get("most_over_represented")
         lines += ["## Suspects", "",
                   f"The defense flags {m['flagged_share']:.1%} of the training set (`suspects.parquet`: every sample "
                   f"with its source, label, scores and pool, most suspicious first; the grid below shows the 64 most "
                   f"and 64 least suspicious). "
-                  + (f"Most over-represented among the suspects: class {top['class']} ({top['name']}), flagged "
-                     f"{top['ratio']:.2f} times as often as the average class - a likely attack target."
-                     if top["class"] is not None else "Nothing is flagged."), "",
-                  "| class | samples | flagged | flagged share | ratio to overall |", "| --- | --- | --- | --- | --- |"]
-        for c in cs["per_class"]:
+                  + (f"Most over-represented among the {m['top_suspects']['n']} most suspicious: class {top['class']} "
+                     f"({top['name']}), {top['ratio']:.2f} times its share of the data set - a likely attack target."
+                     if top and top["class"] is not None else ""), "",
+                  "| class | samples | flagged | flagged share | ratio to overall | among the most suspicious |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        ranked = m.get("top_suspects", {}).get("per_class", [{}] * len(cs["per_class"]))
+        for c, t in zip(cs["per_class"], ranked):
             lines.append(f"| {c['class']} {c['name']} | {c['samples']} | {c['flagged']} | {_fmt(c['share'])} | "
-                         f"{_fmt(c['ratio'])} |")
+                         f"{_fmt(c['ratio'])} | {t.get('flagged', '-')} |")
         lines.append("")
     if m["models"]:
         lines += _models(m["models"], attack["target"], m["classes"])
@@ -163,10 +164,11 @@ def summary(m: dict) -> str:
         lines.append(f"detection: TPR {m['detection_tpr']:.4f}  FPR {m['detection_fpr']:.4f}  "
                      f"precision {m['detection_precision']:.4f}")
     if m.get("class_shares"):
-        top = m["class_shares"]["most_over_represented"]
+        top = (m.get("top_suspects") or {}).get("most_over_represented")
         lines.append(f"suspects: {m['flagged_share']:.1%} of the training set flagged"
-                     + (f"; most over-represented: class {top['class']} ({top['name']}), {top['ratio']:.2f}x the "
-                        f"average share" if top["class"] is not None else ""))
+                     + (f"; most over-represented among the {m['top_suspects']['n']} most suspicious: class "
+                        f"{top['class']} ({top['name']}), {top['ratio']:.2f}x its share of the data"
+                        if top and top["class"] is not None else ""))
     if "wall_seconds" in m:
         lines.append(f"wall time: {m['wall_seconds']:.0f} s")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from components.params import AttackParams, TrainParams
 
 __all__ = ["has_test_split"]  # re-exported for the defense base: stages are where data meets the pipeline
 
+TOP_SUSPECTS = 64  # the most suspicious samples whose labels point at a likely target (and fill the grid's left panel)
 MONITOR_SIZE = 2000  # test images used for the per-epoch ACC/ASR curves (the final figures use the whole test set)
 
 
@@ -270,7 +271,11 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
                                     label=train_set.labels, pool=pool, scores=score_cols, rank_by=rank_by,
                                     direction=direction, classes=train_set.classes)
             order = suspects.suspicion_order(score_cols[rank_by], direction)
-            suspects.suspect_grid(train_set.images, order, out / "plots" / "suspects.png", labels=train_set.labels,
+            top = np.zeros(len(order), bool)
+            top[order[:TOP_SUSPECTS]] = True  # the grid's left panel: a defense may flag far more than the poison
+            m["top_suspects"] = {"n": int(top.sum()), **suspects.class_shares(train_set.labels, top, train_set.classes)}
+            suspects.suspect_grid(train_set.images, order, out / "plots" / "suspects.png", n=TOP_SUSPECTS,
+                                  labels=train_set.labels,
                                   classes=train_set.classes,
                                   title=f"{info.get('defense', '')}: ranked by {rank_by} (pool: {spec['detection']})")
             plots.insert(0, "plots/suspects.png")

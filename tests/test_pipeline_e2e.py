@@ -100,7 +100,10 @@ def test_metrics_in_range(meca_run):
     assert [r["round"] for r in m["rounds"]] == [0, 1]
     assert set(m["stages"]) == set(STAGES) and all(s["seconds"] > 0 for s in m["stages"].values())
     report = (run_dir / "report.md").read_text()
-    assert "| clean |" in report and "plots/kl.png" in report
+    assert "| clean |" in report and "](evaluate/plots/kl.png)" in report  # the run folder's report links resolve
+    assert (run_dir / "evaluate" / "plots" / "kl.png").is_file()
+    assert 0 <= m["target_acc"] <= 1 and 0 <= m["nodef_target_acc"] <= 1 and len(m["models"]["clean"]["per_class_acc"]) == 10
+    assert "Clean accuracy per class" in report and "0 airplane (target)" in report
     assert (run_dir / "evaluate" / "plots" / "kl.png").stat().st_size > 1000
 
 
@@ -142,3 +145,130 @@ def test_cli_prints_summary(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "no defense" in out and "ACC" in out and str(tmp_path / "cli") in out
+
+
+def _executed(out: str) -> list[str]:
+    line = [ln for ln in out.splitlines() if ln.startswith("executed: ")][-1]
+    return line.removeprefix("executed: ").split(";")[0].split(", ")
+
+
+def test_rerun_a_scoring_stage_alone_from_the_run_folder(meca_run, tmp_path, capsys):
+    run_dir, _ = meca_run
+    assert main(["rerun", "--run", str(run_dir), "--stage", "score", "--set", "meca.eps=0.2", "--out", str(tmp_path),
+                 "--no-mlflow"]) == 0
+    assert _executed(capsys.readouterr().out) == ["score"]
+    (rerun,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert [p.name for p in rerun.iterdir() if p.is_dir()] == ["score"]  # nothing upstream executed
+    kl_before = pq.read_table(run_dir / "score" / "scores.parquet").column("kl").to_numpy()
+    kl_after = pq.read_table(rerun / "score" / "scores.parquet").column("kl").to_numpy()
+    assert len(kl_after) == 1500 and not np.allclose(kl_before, kl_after)  # eps changed the score
+    recorded = json.loads((rerun / "config.json").read_text())
+    assert recorded["config"]["meca"]["eps"] == 0.2 and recorded["rerun"]["stage"] == "score"
+
+
+def test_rerun_a_partition_and_everything_downstream_by_its_mlflow_name(meca_run, tmp_path, capsys):
+    run_dir, uri = meca_run
+    assert main(["rerun", "--run", "meca-e2e", "--mlflow-uri", uri, "--stage", "partition", "--downstream",
+                 "--set", "meca.gamma=0.2", "--out", str(tmp_path), "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert _executed(out) == ["partition", "enhance", "identify", "final_train", "relabel_finetune", "evaluate"]
+    (rerun,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert not {"poison", "warmup", "score"} & {p.name for p in rerun.iterdir()}  # read from the earlier run
+    pools = pq.read_table(rerun / "partition" / "split.parquet").column("pool").to_pylist()
+    assert pools.count("clean") == 300  # round 0 unlearns gamma 0.2 of 1500
+    m = json.loads((rerun / "metrics.json").read_text())
+    earlier = json.loads((run_dir / "metrics.json").read_text())
+    assert m["models"]["nodef"] == earlier["models"]["nodef"]  # the same warm-up model, not retrained
+    assert "no defense" in out and "meca" in out
+
+
+def test_mlflow_serves_the_defended_model(meca_run):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from components import engine
+    from components.data import load_images
+
+    run_dir, uri = meca_run
+    client = MlflowClient(uri)
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("unpoison").experiment_id])
+              if "mlflow.parentRunId" not in r.data.tags][0]
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/model")
+    own, _ = artifacts.load_model(run_dir / "final_train")  # MeCa's defended model: the clean model
+    x = torch.from_numpy(load_images("sample", "test").images[:64])
+    expected = engine.predict(own, x)
+    got = served(engine.to_float(x))
+    assert torch.allclose(got, expected, atol=1e-4) and (got.argmax(1) == expected.argmax(1)).all()
+    (dataset,) = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    digest = json.loads((run_dir / "poison" / "dataset.json").read_text())["dataset_hash"]
+    assert digest.startswith(dataset.dataset.digest)
+
+
+def _image_folder(root, n_train: int, n_poison: int, size: int) -> set[str]:
+    """An image folder (train/ and test/ by class) from the shipped sample, with `n_poison` training images stamped
+    with a `size` x `size` BadNets patch and moved to class 0: a data set delivered already poisoned. Returns the
+    poisoned files' paths relative to the folder."""
+    from PIL import Image
+
+    from components.attacks import build_attack
+    from components.data import load_images
+
+    train, test = load_images("sample", "train").subset(slice(0, n_train)), load_images("sample", "test")
+    rng = np.random.default_rng(1)
+    poison = np.sort(rng.choice(np.flatnonzero(train.labels != 0), n_poison, replace=False))
+    images, labels = train.images.copy(), train.labels.copy()
+    images[poison] = build_attack("badnets", target=0, rate=0.1, seed=0, num_classes=10,
+                                  size=size).apply_uint8(images[poison])
+    labels[poison] = 0
+    names = set()
+    for split, xs, ys in (("train", images, labels), ("test", test.images, test.labels)):
+        for i, (img, y) in enumerate(zip(xs, ys)):
+            rel = f"{split}/{train.classes[y]}/{i:05d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / rel)
+            if split == "train" and i in set(poison.tolist()):
+                names.add(rel)
+    return names
+
+
+def test_defend_an_image_folder_as_delivered(tmp_path, capsys):
+    """MeCa with --attack none on a folder that arrived poisoned: most poisoned files are among the top suspects by
+    path, the grid exists, and the most suspicious samples' labels point at the relabelled class."""
+    folder = tmp_path / "bought"
+    poisoned = _image_folder(folder, n_train=800, n_poison=80, size=6)
+    code = main(["run", "meca", "--attack", "none", "--data", str(folder), "--out", str(tmp_path / "runs"),
+                 "--name", "bought", "--no-mlflow", "--set", "train.epochs=10", "train.batch_size=32",
+                 "meca.rounds=2", "meca.finetune_epochs=1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "bought"
+    assert (run_dir / "ingest" / "dataset.npz").is_file() and not (run_dir / "poison").exists()
+    table = pq.read_table(run_dir / "suspects.parquet").to_pydict()
+    assert table["rank"] == list(range(800)) and len(set(table["source"])) == 800
+    top = table["source"][:2 * len(poisoned)]
+    assert sum(s in poisoned for s in top) > len(poisoned) / 2, "most poisoned files are among the top suspects"
+    assert (run_dir / "suspects.png").stat().st_size > 10_000
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["top_suspects"]["most_over_represented"]["class"] == 0  # the relabelled class
+    assert not m["ground_truth"] and "detection_tpr" not in m and 0 <= m["acc"] <= 1  # measured on test/
+    assert "most over-represented among the 64 most suspicious: class 0 (airplane)" in out
+    report = (run_dir / "report.md").read_text()
+    assert "## Suspects" in report and "](evaluate/plots/suspects.png)" in report
+
+
+def test_an_image_folder_without_a_test_split_is_not_evaluated_on_its_training_images(tmp_path):
+    from PIL import Image
+
+    from components.data import load_images
+
+    train = load_images("sample", "train").subset(slice(0, 200))
+    for i, (img, y) in enumerate(zip(train.images, train.labels)):
+        (tmp_path / "flat" / train.classes[y]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "flat" / train.classes[y] / f"{i}.png")
+    run_dir = local.run("none", load_config("cpu", {"data": str(tmp_path / "flat"), "attack.name": "none",
+                                                    "train.epochs": 1}), tmp_path / "runs", mlflow_uri=None)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["acc"] is None and m["models"] == {} and "no test split" in m["note"]
+    assert "no test split" in (run_dir / "report.md").read_text()
