@@ -163,3 +163,19 @@ def test_pool_stats_empty_pool_has_nan_rate():
 def test_pool_stats_empty_set_has_nan_share():
     s = pool_stats(np.array([], bool), np.array([], bool))
     assert math.isnan(s["share"]) and s["size"] == 0
+
+
+def test_per_class_and_target_class_accuracy_on_a_hand_made_prediction_table():
+    from components.metrics import per_class_accuracy, target_figures
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = np.array([0, 1, 1, 1, 1, 1, 0, 2, 2, 0])  # class 0: 1 of 4; class 1: 2 of 2; class 2: 2 of 4
+    assert per_class_accuracy(pred, labels, 4)[:3] == [0.25, 1.0, 0.5]
+    assert np.isnan(per_class_accuracy(pred, labels, 4)[3])  # a class with no test image
+    fig = target_figures(pred, labels, target=0, num_classes=3)
+    assert fig["target_acc"] == 0.25 and fig["pred_target_share"] == pytest.approx(0.3)  # 3 of 10 predicted as 0
+    # a model that never predicts the target: ASR 0 would hide it, target_acc does not
+    never = target_figures(np.ones(10, int), labels, target=0, num_classes=3)
+    assert never["target_acc"] == 0.0 and never["pred_target_share"] == 0.0
+    assert attack_success_rate(np.zeros(0), np.zeros(0)) is None  # no attack: no ASR
+    assert der(0.8, None, 0.7, None) is None

@@ -272,3 +272,44 @@ def test_an_image_folder_without_a_test_split_is_not_evaluated_on_its_training_i
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["acc"] is None and m["models"] == {} and "no test split" in m["note"]
     assert "no test split" in (run_dir / "report.md").read_text()
+
+
+def test_declared_meca_gives_the_weights_of_the_explicit_stage_sequence(tmp_path):
+    """The port onto declarations changed nothing: MeCa's stages called one by one, as the runner before the
+    declarations called them, give the same weights as `local.run` of the declaration."""
+    from components import stages
+    from components.defenses import meca
+
+    cfg = load_config("cpu", {"train_limit": 300, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1})
+    run_dir = local.run("meca", cfg, tmp_path, mlflow_uri=None, name="declared")
+    d, p = tmp_path / "explicit", cfg.meca
+    train = cfg.train.model_copy(update={"seed": cfg.seed})
+    stages.poison(cfg.data, cfg.attack, d / "poison", train_limit=cfg.train_limit)
+    data = d / "poison" / "dataset.npz"
+    stages.train(data, d / "warmup", params=train, model_name=cfg.model)
+    meca.score_kl(data, d / "warmup", d / "score", params=p, seed=cfg.seed)
+    meca.partition_stage(d / "score" / "scores.parquet", d / "partition", params=p)
+    meca.enhance_stage(data, d / "warmup", d / "partition" / "split.parquet", d / "enhance", params=p, base=train,
+                       seed=cfg.seed)
+    meca.identify_stage(data, d / "enhance" / "model", d / "identify")
+    stages.train(data, d / "final_train", params=cfg.final_params().model_copy(update={"seed": cfg.seed}),
+                 model_name=cfg.model, split=d / "identify" / "split.parquet")
+    meca.relabel_finetune(data, d / "identify" / "split.parquet", d / "final_train", d / "relabel_finetune",
+                          params=meca.finetune_params(train, p))
+    for model in ("warmup", "enhance/model", "final_train", "relabel_finetune/model"):
+        declared = json.loads((run_dir / model / "model.json").read_text())["weights_sha256"]
+        assert declared == json.loads((d / model / "model.json").read_text())["weights_sha256"], model
+
+
+def test_a_data_set_from_an_earlier_injection_brings_its_ground_truth(meca_run, tmp_path):
+    """--attack none on an earlier run's poisoned dataset.npz: the samples.parquet beside it is the ground truth,
+    so detection is reported (an .npz holds one split: no test accuracy)."""
+    run_dir, _ = meca_run
+    cfg = load_config("cpu", {"data": str(run_dir / "poison" / "dataset.npz"), "attack.name": "none",
+                              "train.epochs": 1, "meca.rounds": 1, "meca.finetune_epochs": 1})
+    delivered = local.run("meca", cfg, tmp_path, mlflow_uri=None, name="npz")
+    m = json.loads((delivered / "metrics.json").read_text())
+    assert m["ground_truth"] and m["poison_samples"] == 75 and 0 <= m["detection_tpr"] <= 1
+    assert m["acc"] is None and "kl" in m["scores"]
+    sources = pq.read_table(delivered / "suspects.parquet").column("source").to_pylist()
+    assert sorted(sources)[:2] == ["dataset.npz:0", "dataset.npz:1"]
