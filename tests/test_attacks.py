@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from components.attacks import ATTACKS, BadNets, Blend, WaNet, attack_from_spec, build_attack
+
+INJECTING = {n: a for n, a in ATTACKS.items() if n != "none"}  # "none" is the data set as delivered
 from components.data import ImageSet
 from components.errors import UnpoisonError
 
@@ -146,7 +148,7 @@ def test_wanet_warp_changes_image_within_range_and_is_deterministic():
 # --- every attack ---
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(INJECTING))
 def test_poison_counts_labels_and_untouched_samples(ds, name):
     attack = make(name)
     out = attack.poison(ds)
@@ -163,7 +165,7 @@ def test_poison_counts_labels_and_untouched_samples(ds, name):
     assert (out.dataset.images[out.is_poison] != ds.images[out.is_poison]).reshape(len(out.dataset.images[out.is_poison]), -1).any(1).all()
 
 
-@pytest.mark.parametrize("name", sorted(n for n, a in ATTACKS.items() if not a.clean_label))
+@pytest.mark.parametrize("name", sorted(n for n, a in INJECTING.items() if not a.clean_label))
 def test_dirty_label_never_picks_target_class(ds, name):
     # 160 of the 180 non-target samples: a selection that ignored the label would pick target-class samples
     params = {"cross_ratio": 0} if name == "wanet" else {}
@@ -172,7 +174,7 @@ def test_dirty_label_never_picks_target_class(ds, name):
     assert np.all(out.dataset.labels[out.is_poison] == TARGET)
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(INJECTING))
 def test_determinism(ds, name):
     a, b, c = make(name, seed=5).poison(ds), make(name, seed=5).poison(ds), make(name, seed=6).poison(ds)
     for field in ("true_label", "is_poison", "is_cover"):
@@ -181,7 +183,7 @@ def test_determinism(ds, name):
     assert not np.array_equal(a.is_poison, c.is_poison)
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(INJECTING))
 def test_spec_round_trip(ds, name):
     attack = make(name, seed=3)
     spec = json.loads(json.dumps(attack.spec()))
@@ -199,7 +201,7 @@ def test_spec_keeps_params():
     assert attack_from_spec(spec).size == 4
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(INJECTING))
 def test_test_inputs_exclude_target(ds, name):
     attack = make(name)
     images, labels = attack.test_inputs(ds)
@@ -235,13 +237,13 @@ def test_apply_uint8_rounds_and_chunks(monkeypatch):
 )
 def test_bad_rate_and_target(kwargs, message):
     args = {"target": TARGET, "rate": RATE, "seed": 0, "num_classes": K, **kwargs}
-    for name in ATTACKS:
+    for name in INJECTING:
         with pytest.raises(UnpoisonError, match=message):
             build_attack(name, **args)
 
 
 def test_unknown_attack_lists_choices():
-    with pytest.raises(UnpoisonError, match=r"unknown attack 'badnet'; choose one of: badnets, blend, sig, trojan, wanet"):
+    with pytest.raises(UnpoisonError, match=r"unknown attack 'badnet'; choose one of: none, badnets, blend, sig, trojan, wanet"):
         make("badnet")
 
 
@@ -275,3 +277,17 @@ def test_bad_params_and_sizes(ds):
         build_attack("badnets", target=5, rate=0.1, seed=0, num_classes=K).poison(ImageSet(ds.images, ds.labels % 3, ("a", "b", "c")))
     with pytest.raises(UnpoisonError, match="wanet needs 180 cover samples"):
         build_attack("wanet", target=0, rate=0.3, seed=0, num_classes=K, cross_ratio=3).poison(ds)
+
+
+def test_no_attack_delivers_the_data_set_unchanged_and_has_no_trigger():
+    from components.data import load_images
+
+    ds = load_images("sample", "test").subset(slice(0, 50))
+    atk = build_attack("none", target=3, rate=0.05, seed=0, num_classes=10)
+    out = atk.poison(ds)
+    assert out.dataset is ds and not out.is_poison.any() and not out.is_cover.any()
+    images, targets = atk.test_inputs(ds)
+    assert len(images) == len(targets) == 0  # no trigger: ASR is not defined
+    assert attack_from_spec(atk.spec()).spec() == atk.spec() and atk.spec()["target"] == 3
+    with pytest.raises(UnpoisonError, match="target class 10 does not exist"):
+        build_attack("none", target=10, rate=0.05, seed=0, num_classes=10)

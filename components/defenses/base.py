@@ -123,13 +123,9 @@ class Defense:
 
 
 def data_stage(delivered: bool) -> Stage:
-    """The first stage: inject the configured attack, or take the data set as delivered."""
-    if delivered:
-        return Stage("ingest", stages.ingest, params=lambda c: {"data": c.data, "attack": c.attack,
-                                                                 "train_limit": c.train_limit},
-                     reads=("data", "attack", "train_limit"), gpu=False)
-    return Stage("poison", stages.poison, params=lambda c: {"data": c.data, "attack": c.attack,
-                                                             "train_limit": c.train_limit},
+    """The first stage: `poison` injects the configured attack, `ingest` takes the data set as delivered."""
+    fn = stages.ingest if delivered else stages.poison
+    return Stage(fn.__name__, fn, params=lambda c: {"data": c.data, "attack": c.attack, "train_limit": c.train_limit},
                  reads=("data", "attack", "train_limit"), gpu=False)
 
 
@@ -171,7 +167,7 @@ def run_stage(st: Stage, cfg, out: Path, dirs: Mapping[str, Path], data_name: st
     for arg, ref in st.inputs.items():
         kwargs[arg] = ({k: resolve(v, dirs, data_name) for k, v in ref.items()} if isinstance(ref, Mapping)
                        else resolve(ref, dirs, data_name))
-    if "dirs" in kwargs:  # evaluation: the data stage also under its own name, and the ground truth
+    if "dirs" in kwargs:  # evaluation also reads the ground truth: apart under KFP, in the data folder locally
         kwargs["dirs"] = {**kwargs["dirs"], "truth": Path(dirs.get("truth", dirs[data_name]))}
     if st.monitor:  # no curves without a test split: a folder's training images are no test set
         kwargs["monitor"] = (stages.Monitor(cfg.data, resolve(f"{DATA}/attack.json", dirs, data_name))
