@@ -24,7 +24,6 @@ from components.errors import UnpoisonError
 from components.models import build_model
 from components.params import AttackParams, TrainParams
 
-__all__ = ["has_test_split"]  # re-exported for the defense base: stages are where data meets the pipeline
 
 TOP_SUSPECTS = 64  # the most suspicious samples whose labels point at a likely target (and fill the grid's left panel)
 MONITOR_SIZE = 2000  # test images used for the per-epoch ACC/ASR curves (the final figures use the whole test set)
@@ -277,7 +276,8 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
             suspects.suspect_grid(train_set.images, order, out / "plots" / "suspects.png", n=TOP_SUSPECTS,
                                   labels=train_set.labels,
                                   classes=train_set.classes,
-                                  title=f"{info.get('defense', '')}: ranked by {rank_by} (pool: {spec['detection']})")
+                                  title=f"{(info or {}).get('defense', '')}: ranked by {rank_by} "
+                                        f"(pool: {spec['detection']})")
             plots.insert(0, "plots/suspects.png")
     artifacts.write_json(m, out / "metrics.json")
     with artifacts.atomic_path(out / "report.md") as tmp:
