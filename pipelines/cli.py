@@ -206,8 +206,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def untangle(argv: list[str]) -> list[str]:
+    """`--set` takes several key=value words; a defense's name after them is the positional argument (as in
+    `unpoison run --set train.epochs=3 meca`), not a value: move it behind a `--`. Any other word stays a value, so
+    that `--set foo` is reported as not key=value."""
+    from components.defenses import REGISTRY
+
+    out, positional, in_set = [], [], False
+    for word in argv:
+        if word.startswith("-"):
+            in_set = word == "--set"
+            out.append(word)
+        elif in_set and word in REGISTRY:
+            positional.append(word)
+        else:
+            out.append(word)
+    return out + (["--", *positional] if positional else [])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(untangle(sys.argv[1:] if argv is None else list(argv)))
     try:
         args.func(args)
     except UnpoisonError as e:

@@ -12,7 +12,7 @@ import yaml
 
 from components.config import RunConfig, load_config, parse_value, set_path
 from components.errors import UnpoisonError
-from pipelines.cli import main
+from pipelines.cli import main, parser
 
 
 # ---------------------------------------------------------------------------------------------- protocols
@@ -202,3 +202,14 @@ def test_cli_run_wrong_schema_parquet(capsys, tmp_path, monkeypatch):
 def test_cli_run_bad_override(capsys, tmp_path, monkeypatch):
     line = run_fails(capsys, tmp_path, monkeypatch, "meca", "--set", "train.lrr=1")
     assert "train.lrr" in line
+
+
+def test_set_works_wherever_it_stands(capsys):
+    from pipelines.cli import untangle
+
+    assert untangle(["run", "--set", "train.epochs=3", "meca"]) == ["run", "--set", "train.epochs=3", "--", "meca"]
+    assert untangle(["run", "meca", "--set", "a=1", "b=2"]) == ["run", "meca", "--set", "a=1", "b=2"]
+    assert main(["config", "--set", "train.epochs=3", "meca.gamma=0.05", "--attack", "blend"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
+    parsed = parser().parse_args(untangle(["run", "--set", "train.epochs=3", "meca", "--attack", "sig"]))
+    assert parsed.defense == "meca" and parsed.set == ["train.epochs=3"] and parsed.attack == "sig"
