@@ -52,17 +52,19 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
 
-def _models(models: dict, target: int, classes: list[str]) -> list[str]:
-    """The models table (ACC, ASR, DER, target-class figures, RA) and the per-class clean accuracy table."""
+def _models(m: dict) -> list[str]:
+    """The models table (ACC, ASR, DER, target-class figures, RA) and the per-class clean accuracy table, with the
+    console's names for the models."""
+    models, target, classes = m["models"], m["attack"]["target"], m["classes"]
     robust = any("ra" in r for r in models.values())  # RA: robust accuracy under PGD (A-ABL)
     lines = ["## Models", "", f"| model | ACC | ASR | DER | target-class ACC (class {target}) | share predicted as "
              f"{target} |" + (" RA |" if robust else ""), "| --- | --- | --- | --- | --- | --- |" + (" --- |" if robust else "")]
-    for name, r in models.items():
-        lines.append(f"| {name} | {r['acc']:.4f} | {_fmt(r['asr'])} | {_fmt(r.get('der', '-'))} | "
+    names = ordered(m)
+    for name, r in ((n, models[n]) for n in names):
+        lines.append(f"| {display_name(m, name)} | {r['acc']:.4f} | {_fmt(r['asr'])} | {_fmt(r.get('der', '-'))} | "
                      f"{_fmt(r['target_acc'])} | {_fmt(r['pred_target_share'])} |"
                      + (f" {_fmt(r.get('ra', '-'))} |" if robust else ""))
-    names = list(models)
-    lines += ["", "### Clean accuracy per class", "", "| class | " + " | ".join(names) + " |",
+    lines += ["", "### Clean accuracy per class", "", "| class | " + " | ".join(display_name(m, n) for n in names) + " |",
               "| --- |" + " --- |" * len(names)]
     for k, c in enumerate(classes):
         mark = " (target)" if k == target else ""
@@ -103,7 +105,7 @@ def markdown(m: dict, plots: list[str]) -> str:
                          f"{_fmt(c['ratio'])} | {t.get('flagged', '-')} |")
         lines.append("")
     if m["models"]:
-        lines += _models(m["models"], attack["target"], m["classes"])
+        lines += _models(m)
     if m.get("splits"):
         lines += ["", "## Splits against ground truth", "",
                   "| split | TPR | FPR | precision | clean pool size | clean pool share (gamma) | poison in clean pool | "
@@ -141,6 +143,11 @@ def display_name(m: dict, model: str) -> str:
     return "no defense" if model == "nodef" else f"{m['defense']}: {model}"
 
 
+def ordered(m: dict) -> list[str]:
+    """The models in the order the console and the report show them: no defense, the defended model, the rest."""
+    return sorted(m["models"], key=lambda k: (display_name(m, k) != "no defense", k != m["defended"], k))
+
+
 def summary(m: dict) -> str:
     """The console summary of a run: ACC, ASR, DER, target-class ACC (and RA) per model, detection, suspects."""
     lines = []
@@ -151,7 +158,7 @@ def summary(m: dict) -> str:
             return f"{'' if v is None else f'{v:7.4f}':>7}"
 
         target = m["attack"]["target"]
-        order = sorted(m["models"], key=lambda k: (display_name(m, k) != "no defense", k != m["defended"]))
+        order = ordered(m)
         lines.append(f"{'model':<24} {'ACC':>7} {'ASR':>7} {'DER':>7} {f'ACC({target})':>7}" + (f" {'RA':>7}" if robust else ""))
         lines += [f"{display_name(m, k):<24} {cell(r['acc'])} {cell(r['asr'])} {cell(r.get('der'))} {cell(r['target_acc'])}"
                   + (f" {cell(r.get('ra'))}" if robust else "") for k, r in ((k, m["models"][k]) for k in order)]

@@ -100,7 +100,7 @@ def test_metrics_in_range(meca_run):
     assert [r["round"] for r in m["rounds"]] == [0, 1]
     assert set(m["stages"]) == set(STAGES) and all(s["seconds"] > 0 for s in m["stages"].values())
     report = (run_dir / "report.md").read_text()
-    assert "| clean |" in report and "](evaluate/plots/kl.png)" in report  # the run folder's report links resolve
+    assert "| meca |" in report and "| no defense |" in report and "](evaluate/plots/kl.png)" in report  # the run folder's report links resolve
     assert (run_dir / "evaluate" / "plots" / "kl.png").is_file()
     assert 0 <= m["target_acc"] <= 1 and 0 <= m["nodef_target_acc"] <= 1 and len(m["models"]["clean"]["per_class_acc"]) == 10
     assert "Clean accuracy per class" in report and "0 airplane (target)" in report
