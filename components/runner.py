@@ -34,6 +34,20 @@ def run_task(defense: str, stage: str, delivered: bool, given: dict, upstream: l
     return run_stage(st, cfg, Path(out), dirs, d.plan(delivered)[0].name)
 
 
+def record(defense: str, delivered: bool, run_name: str, config: dict, stage_dirs: dict[str, tuple[str, str]], *,
+           uri: str | None = None, tags: dict) -> str:
+    """Record a run in MLflow (local engine or KFP): its stages, the defended model when its stage is among
+    `stage_dirs` (stage -> (folder, artifact URI)), and the training data set with its content hash."""
+    d = get(defense)
+    defended = d.evaluation.models[d.evaluation.defended]
+    data = Path(stage_dirs[d.plan(delivered)[0].name][0])
+    return tracking.record_pipeline_run(
+        run_name, defense, config, stage_dirs, uri=uri, tags=tags,
+        final_model=defended if defended.split("/")[0] in stage_dirs else None,
+        dataset={"name": "train", "source": config["data"],
+                 "digest": artifacts.read_json(data / "dataset.json")["dataset_hash"]})
+
+
 def track_run(run_id: str, defense: str, delivered: bool, given: dict, upstream: list[str], slots: list) -> str:
     """Record a KFP run in MLflow from its stage artifacts (every parameter of the pipeline is in `given`)."""
     d = get(defense)
@@ -42,8 +56,4 @@ def track_run(run_id: str, defense: str, delivered: bool, given: dict, upstream:
     if d.section:
         config[d.section] = given["section"]
     stage_dirs = {name: (a.path, a.uri) for name, a in zip(upstream, slots) if a is not None}
-    data = Path(stage_dirs[d.plan(delivered)[0].name][0])
-    return tracking.record_pipeline_run(run_id, defense, config, stage_dirs, tags={"unpoison.kfp_run_id": run_id},
-                                        final_model=d.evaluation.models[d.evaluation.defended],
-                                        dataset={"name": "train", "source": given["data"],
-                                                 "digest": artifacts.read_json(data / "dataset.json")["dataset_hash"]})
+    return record(defense, delivered, run_id, config, stage_dirs, tags={"unpoison.kfp_run_id": run_id})

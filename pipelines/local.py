@@ -2,7 +2,7 @@
 run (a parent run, one child run per stage).
 
 A run writes into `<out>/<name>.partial/` and is renamed to `<out>/<name>/` only when every stage has finished,
-so a folder without the suffix always holds a complete run. A rerun (`rerun_local`) reads the stages upstream of
+so a folder without the suffix always holds a complete run. A rerun (`rerun`) reads the stages upstream of
 the one it reruns from the earlier run's folders and writes only what it executes.
 """
 
@@ -12,7 +12,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from components import artifacts, tracking
+from components import artifacts, runner
 from components.attacks import build_attack
 from components.config import RunConfig
 from components.data import load_images
@@ -69,13 +69,8 @@ def _finish(run_dir: Path, timings: dict) -> None:
 
 
 def _track(defense: Defense, cfg: RunConfig, name: str, dirs: dict[str, Path], uri: str, tags: dict) -> str:
-    data = dirs[defense.plan(cfg.attack.name == "none")[0].name]
-    defended = defense.evaluation.models[defense.evaluation.defended]
-    return tracking.record_pipeline_run(
-        name, defense.name, cfg.model_dump(), {s: (str(d), str(d)) for s, d in dirs.items()}, uri=uri,
-        tags=tags, final_model=defended if defended.split("/")[0] in dirs else None,
-        dataset={"name": "train", "source": cfg.data,
-                 "digest": artifacts.read_json(data / "dataset.json")["dataset_hash"]})
+    return runner.record(defense.name, cfg.attack.name == "none", name, cfg.model_dump(),
+                         {s: (str(d), str(d)) for s, d in dirs.items()}, uri=uri, tags=tags)
 
 
 def _new_run_dir(out_root: Path, name: str) -> Path:
