@@ -24,11 +24,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed $(TOOLS)/.installed
 	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest
 
-# CPU reference protocol (DESIGN.md) for none, meca and a-abl on five attacks; needs the full CIFAR-10 Parquet set.
+# CPU reference protocol (DESIGN.md) for none, meca, a-abl, abl and lfd on five attacks and no attack; needs the full CIFAR-10 Parquet set.
 # DEFENSES=... ATTACKS=... run a part of the matrix; records of the same defense, attack and protocol are replaced.
 CIFAR10 ?= ../shared/datasets/cifar10
-DEFENSES ?= none,meca,a-abl
-ATTACKS ?= badnets,blend,sig,trojan,wanet
+DEFENSES ?= none,meca,a-abl,abl,lfd
+ATTACKS ?= badnets,blend,sig,trojan,wanet,none
 benchmark-cpu: $(VENV)/.installed
 	$(VENV)/bin/unpoison benchmark --protocol cpu --defenses $(DEFENSES) --attacks $(ATTACKS) --data $(CIFAR10)
 

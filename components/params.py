@@ -53,3 +53,13 @@ class AttackParams(Strict):
 def final_params(train: TrainParams, overrides: dict[str, Any]) -> TrainParams:
     """The final training's parameters: `train` with the `final` overrides (validated like `train`)."""
     return TrainParams.model_validate({**train.model_dump(), **overrides})
+
+
+def check_overrides(section: str, **overrides: dict[str, Any]) -> None:
+    """A defense's overrides of `train` (e.g. `aabl.warmup`) take the keys of `train` with valid values; the error names
+    the key and the section."""
+    for key, value in overrides.items():
+        unknown = sorted(set(value) - set(TrainParams.model_fields))
+        if unknown:
+            raise ValueError(f"unknown key '{unknown[0]}' in {section}.{key}; it takes the keys of train")
+        final_params(TrainParams(), value)  # a bad value fails here, naming it

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.engine import default_device, eval_model, to_float
+from components.engine import default_device, eval_model, predict, to_float
 
 
 def random_patch_mask(n: int, h: int, w: int, r: int, gen: torch.Generator) -> torch.Tensor:
@@ -104,3 +104,11 @@ def adv_sce(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps
         with torch.no_grad():
             out.append(symmetric_cross_entropy(model(x_adv), y, alpha, beta).cpu())
     return torch.cat(out).numpy()
+
+
+def sample_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 512,
+                device: torch.device | None = None) -> np.ndarray:
+    """Per-sample cross-entropy of the model in eval mode, without augmentation, in float32 (ABL's isolation score,
+    LfD's teacher loss). Low = fitted early = poison-like."""
+    logits = predict(model, images, batch_size=batch_size, device=device, bf16=False)
+    return F.cross_entropy(logits, labels, reduction="none").numpy()

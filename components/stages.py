@@ -19,7 +19,7 @@ from components import artifacts, engine, metrics
 from components.artifacts import SAMPLE_SCHEMA, SCORE_SCHEMA, SOURCES_SCHEMA, SPLIT_SCHEMA
 from components.attacks import attack_from_spec, build_attack
 from components.data import ImageSet, has_test_split, load_ground_truth, load_images, save_npz
-from components.engine import Perturb
+from components.engine import LossFn, Perturb
 from components.errors import UnpoisonError
 from components.models import build_model
 from components.params import AttackParams, TrainParams
@@ -151,14 +151,23 @@ class Monitor:
 
 
 def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, split: Path | None = None,
-          init: Path | None = None, relabel: bool = False, monitor: Monitor | None = None, desc: str = "train",
-          perturb: Perturb | None = None, meta: dict | None = None) -> dict:
+          init: Path | None = None, relabel: bool = False, weighted: bool = False, monitor: Monitor | None = None,
+          desc: str = "train", perturb: Perturb | None = None, loss_fn: LossFn = engine.cross_entropy,
+          meta: dict | None = None) -> dict:
     """Train a model on the data set, or on its `clean` pool when `split` is given (with the split's relabels when
-    `relabel`), from scratch or from the model in `init`; with `perturb`, on perturbed batches (adversarial
-    training); `meta` joins model.json. Writes out/model.safetensors, model.json, history.json."""
+    `relabel`; on every sample, each weighted by the split's `weight` column, when `weighted`), from scratch or from
+    the model in `init`; with `perturb`, on perturbed batches (adversarial training); `loss_fn` is the per-sample
+    loss; `meta` joins model.json. Writes out/model.safetensors, model.json, history.json."""
     ds = load_dataset(dataset)
     x, y = tensors(ds)
-    if split is not None:
+    weights = None
+    if split is not None and weighted:
+        table = artifacts.read_table(split, {**SPLIT_SCHEMA, "weight": pa.float64()})
+        if not np.array_equal(table["sample_id"], np.arange(len(y))):
+            raise UnpoisonError(f"split '{split}' does not weight every sample of '{dataset}' in order; "
+                                f"rerun the stage that wrote it on this data set")
+        weights = torch.from_numpy(table["weight"].astype(np.float32))
+    elif split is not None:
         table = artifacts.read_table(split, SPLIT_SCHEMA)
         use = table["pool"] == "clean"
         if relabel:
@@ -176,7 +185,8 @@ def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, spl
             raise UnpoisonError(f"model '{init}' was trained on another data set; fine-tune with a model of this run")
     else:
         model = build_model(model_name, ds.num_classes)
-    history = engine.train(model, x, y, params, perturb=perturb, on_epoch=monitor, desc=desc)
+    history = engine.train(model, x, y, params, loss_fn=loss_fn, weights=weights, perturb=perturb, on_epoch=monitor,
+                           desc=desc)
     out = Path(out)
     artifacts.write_json(history, out / "history.json")
     init_ref = model_ref(init) if init is not None else None
@@ -250,6 +260,12 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
         report.score_histogram(values, table["is_poison"] if table is not None else None, col,
                                out / "plots" / f"{col}.png")
         plots.append(f"plots/{col}.png")
+    for ref in spec["splits"].values():  # per-sample values a split carries, such as LfD's weights
+        cols = artifacts.read_table(at(ref), SPLIT_SCHEMA)
+        for col in (c for c in cols if c not in SPLIT_SCHEMA):
+            report.score_histogram(cols[col], table["is_poison"] if table is not None else None, col,
+                                   out / "plots" / f"{col}.png")
+            plots.append(f"plots/{col}.png")
     if table is not None:
         m["splits"] = {name: evaluation.split_metrics(at(ref), table, atk.target)
                        for name, ref in spec["splits"].items()}

@@ -16,7 +16,7 @@ import platform
 from datetime import date
 from pathlib import Path
 
-from components import artifacts, tracking
+from components import artifacts, metrics, tracking
 from components.config import load_config, parse_overrides
 from components.defenses import get
 from pipelines import local
@@ -105,13 +105,29 @@ def robust_keys(m: dict) -> dict:
     return out
 
 
+def with_reference(records: list[dict]) -> list[dict]:
+    """A defense whose run trains no no-defense model (ABL, LfD) gets its DER and no-defense figures from the `none`
+    record of the same attack and protocol: the same poisoned set, trained by the same stage with the same seed."""
+    plain = {(r["attack"], r["protocol"]): r for r in records if r["defense"] == "none"}
+    out = []
+    for r in records:
+        ref = plain.get((r["attack"], r["protocol"]))
+        if r["defense"] != "none" and ref is not None and ("reference" in r or r.get("nodef_acc") is None):
+            r = {**r, "nodef_acc": ref["acc"], "nodef_asr": ref["asr"], "nodef_target_acc": ref.get("target_acc"),
+                 "der": metrics.der(ref["acc"], ref["asr"], r["acc"], r["asr"]),
+                 "reference": f"the none record of this file (run {ref['run']})"}
+        out.append(r)
+    return out
+
+
 def merge(path: Path, new: list[dict]) -> list[dict]:
     """Replace records of the same (defense, attack, protocol); keep the others."""
     old = json.loads(path.read_text()) if path.exists() else []
     keys = {(r["defense"], r["attack"], r["protocol"]) for r in new}
     kept = [r for r in old if (r["defense"], r["attack"], r["protocol"]) not in keys]
     order = {"none": 0}
-    return sorted(kept + new, key=lambda r: (r["protocol"], r["attack"], order.get(r["defense"], 1), r["defense"]))
+    records = sorted(kept + new, key=lambda r: (r["protocol"], r["attack"], order.get(r["defense"], 1), r["defense"]))
+    return with_reference(records)
 
 
 def table(records: list[dict]) -> str:

@@ -31,7 +31,7 @@ from components import artifacts, engine, scores, splits, stages
 from components.artifacts import SCORE_SCHEMA
 from components.defenses.base import DATA, Defense, Evaluation, Stage
 from components.engine import Perturb
-from components.params import Strict, TrainParams, final_params
+from components.params import Strict, TrainParams, check_overrides, final_params
 
 
 class AablParams(Strict):
@@ -58,11 +58,7 @@ class AablParams(Strict):
 
     @model_validator(mode="after")
     def _overrides(self):
-        for key in ("warmup", "final"):
-            unknown = sorted(set(getattr(self, key)) - set(TrainParams.model_fields))
-            if unknown:
-                raise ValueError(f"unknown key '{unknown[0]}' in aabl.{key}; it takes the keys of train")
-            final_params(TrainParams(), getattr(self, key))  # a bad value fails here, naming it
+        check_overrides("aabl", warmup=self.warmup, final=self.final)
         return self
 
 
