@@ -24,6 +24,8 @@ def score_histogram(values: np.ndarray, is_poison: np.ndarray | None, name: str,
         ax.hist(values[~is_poison], bins=bins, alpha=0.6, label="clean", density=True)
         ax.hist(values[is_poison], bins=bins, alpha=0.6, label="poisoned", density=True)
         ax.set_ylabel("density")
+    if len(finite) and np.histogram(finite, bins=bins)[0].max() > len(finite) / 2:
+        ax.set_yscale("log")  # most of the mass in one bin (LfD's weights, a saturated loss): show the tails
     ax.set_xlabel(name)
     ax.set_title(f"{name} per training sample")
     ax.legend()
@@ -32,15 +34,19 @@ def score_histogram(values: np.ndarray, is_poison: np.ndarray | None, name: str,
     plt.close(fig)
 
 
-def curves(histories: dict[str, list[dict]], path: Path) -> None:
+def curves(histories: dict[str, list[dict]], path: Path, starts: dict[str, int] | None = None) -> None:
+    """ACC and ASR per epoch of every model; a model that continues another (ABL's fine-tuning and unlearning, MeCa's
+    relabel fine-tuning) starts where that one ended (`starts`: epochs before its first)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, hist in histories.items():
         if hist and "test_acc" in hist[0]:
-            epochs = [h["epoch"] + 1 for h in hist]
+            epochs = [(starts or {}).get(name, 0) + h["epoch"] + 1 for h in hist]
             line, = ax.plot(epochs, [h["test_acc"] for h in hist], label=f"{name} ACC")
             if "test_asr" in hist[0]:
                 ax.plot(epochs, [h["test_asr"] for h in hist], "--", color=line.get_color(), label=f"{name} ASR")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (a model that continues another starts where it ended)")
+    ax.set_ylabel("share of test images")
+    ax.set_title("clean ACC and ASR per epoch (monitor: first test images)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()

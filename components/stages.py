@@ -198,6 +198,23 @@ def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, spl
 
 # --- evaluation -------------------------------------------------------------------------------------------------
 
+def curve_starts(models: dict[str, str], at) -> dict[str, int]:
+    """For each model that continues another model of the run (model.json's `init`), the epochs trained before its
+    first: the epochs of the chain of models it continues."""
+    meta = {name: artifacts.read_json(at(ref) / "model.json") for name, ref in models.items()}
+    by_ref = {m["weights_sha256"][:16]: name for name, m in meta.items()}
+    trained = {name: len(artifacts.read_json(at(ref) / "history.json")) if (at(ref) / "history.json").exists() else 0
+               for name, ref in models.items()}
+
+    def start(name: str, seen: frozenset = frozenset()) -> int:
+        parent = by_ref.get(meta[name].get("init") or "")
+        if parent is None or parent in seen:
+            return 0
+        return start(parent, seen | {name}) + trained[parent]
+
+    return {name: start(name) for name in models}
+
+
 def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dict | None = None,
              info: dict | None = None) -> dict:
     """Evaluation of a defense run as its declaration's `spec` (components.defenses.base.Evaluation) names it:
@@ -245,7 +262,7 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
         histories = {name: artifacts.read_json(at(ref) / "history.json") for name, ref in spec["models"].items()
                      if (at(ref) / "history.json").exists()}
         if histories:
-            report.curves(histories, out / "plots" / "curves.png")
+            report.curves(histories, out / "plots" / "curves.png", curve_starts(spec["models"], at))
             plots.append("plots/curves.png")
     else:  # a folder's training images are no test set: say so instead of measuring on them
         m.update(test_samples=0, acc=None, asr=None, der=None, target_acc=None,
