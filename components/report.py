@@ -3,8 +3,11 @@ ACC/ASR per epoch)."""
 
 from __future__ import annotations
 
+import base64
+import re
 from pathlib import Path
 
+import markdown as md
 import matplotlib
 
 matplotlib.use("Agg")
@@ -185,3 +188,24 @@ def summary(m: dict) -> str:
     if "wall_seconds" in m:
         lines.append(f"wall time: {m['wall_seconds']:.0f} s")
     return "\n".join(lines)
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
+         "table{border-collapse:collapse;margin:0.5rem 0}td,th{border:1px solid #ccc;padding:0.2rem 0.5rem}"
+         "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1rem 0}")
+
+
+def html(markdown_text: str, folder: Path) -> str:
+    """The report as one standalone HTML page: its tables rendered and its plots (paths relative to `folder`)
+    embedded as data URIs, so that the file opens in a browser anywhere, alone."""
+
+    def embed(match: re.Match) -> str:
+        path = Path(folder) / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    body = md.markdown(re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", embed, markdown_text), extensions=["tables"])
+    title = markdown_text.splitlines()[0].lstrip("# ") if markdown_text else "unpoison report"
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title><style>{STYLE}</style></head>"
+            f"<body>\n{body}\n</body></html>\n")

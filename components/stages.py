@@ -223,7 +223,8 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
     ACC, ASR and target-class figures of every model on the whole test set (when the data has one), DER against
     the reference, RA of the robust models under PGD `ra`; with ground truth, detection quality of every score and
     split; the suspects (suspects.parquet, per-class shares, the grid of the most and least suspicious images).
-    Writes out/metrics.json, out/report.md, out/plots/*.png. The only stage that reads the ground truth."""
+    Writes out/metrics.json, out/report.md, out/report.html (standalone, the plots embedded), out/plots/*.png.
+    The only stage that reads the ground truth."""
     from components import evaluation, report, suspects
 
     out = Path(out)
@@ -313,6 +314,9 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
                                         f"(pool: {spec['detection']})")
             plots.insert(0, "plots/suspects.png")
     artifacts.write_json(m, out / "metrics.json")
+    text = report.markdown(m, plots)
     with artifacts.atomic_path(out / "report.md") as tmp:
-        tmp.write_text(report.markdown(m, plots))
+        tmp.write_text(text)
+    with artifacts.atomic_path(out / "report.html") as tmp:
+        tmp.write_text(report.html(text, out))
     return {k: m[k] for k in ("acc", "target_acc", "asr", "der", "ra", "flagged_share") if m.get(k) is not None}

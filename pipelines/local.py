@@ -22,7 +22,7 @@ from components.errors import UnpoisonError
 from components.models import MODELS
 
 ROOT_FILES = {"evaluate/metrics.json": "metrics.json", "evaluate/suspects.parquet": "suspects.parquet",
-              "evaluate/plots/suspects.png": "suspects.png"}
+              "evaluate/plots/suspects.png": "suspects.png", "evaluate/report.html": "report.html"}
 
 
 def validate(defense: str, cfg: RunConfig) -> Defense:

@@ -99,3 +99,6 @@ def test_lfd_report_shows_the_teacher_loss_and_the_weights(lfd_run):
     report = (lfd_run / "report.md").read_text()
     assert "plots/teacher_loss.png" in report and "plots/weight.png" in report
     assert (lfd_run / "evaluate" / "plots" / "weight.png").stat().st_size > 0
+    page = (lfd_run / "report.html").read_text()  # standalone: every plot embedded, no link left to a file
+    assert page.count("data:image/png;base64,") == report.count("![") and "](plots/" not in page
+    assert "<table>" in page and "<td>lfd</td>" in page
