@@ -21,12 +21,29 @@ from pathlib import Path
 import numpy as np
 
 EXPERIMENT = os.environ.get("UNPOISON_MLFLOW_EXPERIMENT", "unpoison")
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 SUMMARY_KEYS = ("acc", "asr", "der", "target_acc", "nodef_acc", "nodef_asr", "nodef_target_acc", "pred_target_share",
                 "detection_tpr", "detection_fpr", "detection_precision", "flagged_share")
 
 
 def default_uri(root: Path) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def _experiment(client, uri: str) -> str:
+    """The experiment's id, created on first use: a model-training experiment (MLflow 3's UI opens it in the training
+    runs view, not the GenAI one) whose artifacts, with a local sqlite store, sit beside the database
+    (`<store folder>/mlartifacts`), not in ./mlruns of whatever folder the command runs in. A server's store keeps its
+    own artifact root."""
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        if found.tags.get(KIND_TAG) is None:
+            client.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location, tags={KIND_TAG: KIND})
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -127,8 +144,8 @@ def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: d
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(EXPERIMENT)
     client = MlflowClient(uri)
+    experiment = mlflow.set_experiment(experiment_id=_experiment(client, uri))
     base_tags = {"unpoison.run": run_name, "unpoison.defense": defense,
                  "unpoison.attack": config.get("attack", {}).get("name", ""), **(tags or {})}
     with mlflow.start_run(run_name=run_name, tags=base_tags) as parent:
@@ -148,10 +165,14 @@ def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: d
             if producer is not None:
                 child_tags["unpoison.cached_from"] = producer
             with mlflow.start_run(run_name=stage, nested=True, tags=child_tags):
-                mlflow.log_metrics(_numeric({**record["result"], "seconds": record["seconds"]}))
-                history = folder / "history.json"
-                for h in json.loads(history.read_text()) if history.exists() else []:
+                history = json.loads((folder / "history.json").read_text()) if (folder / "history.json").exists() else []
+                for h in history:
                     mlflow.log_metrics(_numeric({k: v for k, v in h.items() if k != "epoch"}), step=h["epoch"])
+                # the stage's summary: under `stage.` where a per-epoch series has the name, so that no series starts
+                # with a summary point at step 0
+                series = {k for h in history for k in h}
+                mlflow.log_metrics({f"stage.{k}" if k in series else k: v for k, v in
+                                    _numeric({**record["result"], "seconds": record["seconds"]}).items()})
                 for f in sorted(folder.rglob("*")):
                     if f.is_file() and f.suffix != ".npz":  # data sets stay in the run folder / object store
                         rel = f.parent.relative_to(folder)

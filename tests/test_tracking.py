@@ -101,3 +101,28 @@ def test_image_shape_from_a_stage_data_set(tmp_path):
     save_npz(ImageSet(np.zeros((3, 24, 20, 3), np.uint8), np.zeros(3, np.int64), ("a",)), tmp_path / "p" / "dataset.npz")
     assert tracking._image_shape({"poison": (str(tmp_path / "p"), "")}, (3, 32, 32)) == (3, 24, 20)
     assert tracking._image_shape({"train": (str(tmp_path / "t"), "")}, (3, 32, 32)) == (3, 32, 32)
+
+
+def test_a_model_training_experiment_with_its_artifacts_beside_the_store_and_no_summary_at_step_0(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "where-the-user-stands"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "runs"
+    store.mkdir()
+    uri = tracking.default_uri(store)
+    train = tmp_path / "run" / "train"
+    dirs = {"train": _stage(train, "train", {"train_acc": 0.9, "samples_per_second": 5.0, "samples": 10})}
+    artifacts.write_json([{"epoch": 0, "train_acc": 0.5, "samples_per_second": 4.0},
+                          {"epoch": 1, "train_acc": 0.9, "samples_per_second": 6.0}], train / "history.json")
+    run_id = tracking.record_pipeline_run("r3", "none", {"attack": {"name": "badnets"}}, dirs, uri=uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the training runs view
+    assert experiment.artifact_location == (store / "mlartifacts").resolve().as_uri()
+    assert not (elsewhere / "mlruns").exists() and (store / "mlartifacts").is_dir()
+    child = client.search_runs([experiment.experiment_id], "tags.`unpoison.stage` = 'train'")[0]
+    history = client.get_metric_history(child.info.run_id, "train_acc")
+    assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 0.9)]  # the series alone, no summary point
+    assert child.data.metrics["stage.train_acc"] == 0.9 and child.data.metrics["stage.samples_per_second"] == 5.0
+    assert child.data.metrics["samples"] == 10  # a summary figure without a series keeps its name
