@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 
-.PHONY: demo test benchmark-cpu benchmark-perf benchmark-paper
+.PHONY: demo test test-fast benchmark-cpu benchmark-perf benchmark-paper
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed $(TOOLS)/.installed
 	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest
+
+# The unit tests only, for local iteration: no pipeline, server or checker runs (tests/conftest.py marks those slow).
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 # CPU reference protocol (DESIGN.md) for none, meca, a-abl, abl and lfd on five attacks and no attack; needs the full CIFAR-10 Parquet set.
 # DEFENSES=... ATTACKS=... run a part of the matrix; records of the same defense, attack and protocol are replaced.

@@ -173,3 +173,19 @@ def s3_bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_server.client().make_bucket(name)
     return name
+
+
+# `make test-fast` (pytest -m "not slow") leaves out what runs a pipeline, a server or an external checker: whole
+# modules of them, and every test that uses a fixture which runs one. `make test` (CI) runs everything.
+SLOW_MODULES = {"test_pipeline_e2e", "test_kfp", "test_mlflow_server", "test_performance_benchmark"}
+SLOW_FIXTURES = {"s3_server", "meca_run", "aabl_run", "abl_run", "lfd_run", "kfp_runs", "toy"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a pipeline, a server or an external checker (not in test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -265,6 +265,7 @@ def test_secrets_hold_placeholders_only(rendered, target):
                 assert value == PLACEHOLDER, (env_file, key)
 
 
+@pytest.mark.slow
 def test_checkov_passes_on_every_rendering(rendered, tmp_path):
     """One checkov run over all renderings plus a canary that must fail, which proves that the config
     (skips included) still checks something."""
