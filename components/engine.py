@@ -146,11 +146,14 @@ def prepare(model: nn.Module, p: TrainParams, device: torch.device) -> nn.Module
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: TrainParams, *,
           loss_fn: LossFn = cross_entropy, weights: torch.Tensor | None = None, perturb: Perturb | None = None,
-          on_epoch: EpochCallback | None = None, desc: str = "train", device: torch.device | None = None) -> list[dict]:
+          on_epoch: EpochCallback | None = None, desc: str = "train", device: torch.device | None = None,
+          frozen_norm: bool = False) -> list[dict]:
     """Train `model` in place on uint8 `images` (N, H, W, C) with int64 `labels`; return one record per epoch.
 
     The batch loss is the mean over the batch of `weights[idx] * loss_fn(...)` (weights default to 1). With `perturb`,
-    each augmented batch is replaced by `perturb(model, batch, labels)` before the step (adversarial training).
+    each augmented batch is replaced by `perturb(model, batch, labels)` before the step (adversarial training). With
+    `frozen_norm`, batch norm stays in eval mode: it normalizes with its running statistics and leaves them as they
+    are, so the step acts on the function the model computes at inference (ABL's unlearning on a few samples).
     """
     device = device or default_device()
     if device.type == "cpu":
@@ -168,6 +171,10 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
     bar = tqdm(range(p.epochs), desc=desc, leave=False, disable=None)
     for epoch in bar:
         model.train()
+        if frozen_norm:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         t0, total_loss, correct = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device)
         for idx in torch.randperm(n, generator=gen).to(device).split(p.batch_size):
             xb = augment(to_float(x_all[idx]), p.augment, gen)
