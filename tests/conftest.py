@@ -181,10 +181,6 @@ SLOW_MODULES = {"test_pipeline_e2e", "test_kfp", "test_mlflow_server", "test_per
 SLOW_FIXTURES = {"s3_server", "meca_run", "aabl_run", "abl_run", "lfd_run", "kfp_runs", "toy"}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs a pipeline, a server or an external checker (not in test-fast)")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
