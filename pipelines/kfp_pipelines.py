@@ -226,6 +226,8 @@ def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None =
         logger.setLevel(old_level)
         if mlflow_uri:
             os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
-    new = [d for d in root.iterdir() if d not in before and d.is_dir() and not d.name.startswith(".")]
+    # kfp.local names a run's folder <pipeline name>-<timestamp>; other new folders (an MLflow store's mlartifacts
+    # beside a sqlite database in root) are not runs
+    new = [d for d in root.iterdir() if d not in before and d.is_dir() and d.name.startswith(f"{pipeline.name}-")]
     log.executed = sorted(t.name for d in new for t in d.iterdir() if t.is_dir())
     return Path(task.output.path), log
