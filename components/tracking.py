@@ -22,6 +22,11 @@ import numpy as np
 
 EXPERIMENT = os.environ.get("UNPOISON_MLFLOW_EXPERIMENT", "unpoison")
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# The runs table's columns, as an MLflow UI shared view (experiment tag mlflow.sharedViewState.<key>): the UI opens
+# on it at <ui>/#/experiments/<id>/runs?viewStateShareKey=unpoison (`ui_link`); its plain default shows no metric.
+VIEW_KEY = "unpoison"
+VIEW_COLUMNS = ("acc", "asr", "der", "target_acc", "nodef_acc", "nodef_asr", "detection_tpr", "detection_fpr",
+                "flagged_share", "wall_seconds")
 SUMMARY_KEYS = ("acc", "asr", "der", "target_acc", "nodef_acc", "nodef_asr", "nodef_target_acc", "pred_target_share",
                 "detection_tpr", "detection_fpr", "detection_precision", "flagged_share")
 
@@ -37,13 +42,36 @@ def _experiment(client, uri: str) -> str:
     own artifact root."""
     found = client.get_experiment_by_name(EXPERIMENT)
     if found is not None:
+        experiment_id = found.experiment_id
         if found.tags.get(KIND_TAG) is None:
-            client.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=location, tags={KIND_TAG: KIND})
+            client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+    else:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location, tags={KIND_TAG: KIND})
+    view = {"selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in VIEW_COLUMNS)]}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    return experiment_id
+
+
+def ui_link(ui: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of the experiment with the unpoison columns (ACC, ASR, DER, detection)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the runs of a tracking URI: the page of a server, or the command that serves a local store
+    and the page it then shows (mlflow ui's default address)."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return f"mlflow: {uri} (no unpoison run recorded yet)"
+    if uri.startswith(("http://", "https://")):
+        return f"mlflow: {ui_link(uri, experiment.experiment_id)}"
+    return (f"mlflow: {uri}; compare runs with `mlflow ui --backend-store-uri {uri}`, then open "
+            f"{ui_link('http://127.0.0.1:5000', experiment.experiment_id)}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

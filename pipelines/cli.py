@@ -38,7 +38,7 @@ def cmd_run(args) -> None:
     print(report.summary(m))
     print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
     if uri:
-        print(f"mlflow: {uri}")
+        print(tracking.ui_hint(uri))
 
 
 def cmd_config(args) -> None:

@@ -126,3 +126,15 @@ def test_a_model_training_experiment_with_its_artifacts_beside_the_store_and_no_
     assert sorted((h.step, h.value) for h in history) == [(0, 0.5), (1, 0.9)]  # the series alone, no summary point
     assert child.data.metrics["stage.train_acc"] == 0.9 and child.data.metrics["stage.samples_per_second"] == 5.0
     assert child.data.metrics["samples"] == 10  # a summary figure without a series keeps its name
+
+
+def test_the_runs_table_opens_on_the_unpoison_columns(run_dirs):
+    dirs, _, uri = run_dirs
+    run_id = tracking.record_pipeline_run("r4", "meca", {"attack": {"name": "badnets"}}, dirs, uri=uri)
+    experiment = MlflowClient(uri).get_experiment(MlflowClient(uri).get_run(run_id).info.experiment_id)
+    view = json.loads(experiment.tags["mlflow.sharedViewState.unpoison"])
+    assert {"metrics.`acc`", "metrics.`asr`", "metrics.`der`", "attributes.`Dataset`"} <= set(view["selectedColumns"])
+    hint = tracking.ui_hint(uri)
+    assert f"mlflow ui --backend-store-uri {uri}" in hint
+    assert f"/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=unpoison" in hint
+    assert tracking.ui_link("http://host:5000/", "7") == "http://host:5000/#/experiments/7/runs?viewStateShareKey=unpoison"
