@@ -1,24 +1,24 @@
 """Artifact files: Parquet tables with checked schemas, models as safetensors + JSON, JSON documents.
 
-Every write is atomic (a temporary file in the same folder, then `os.replace`), so a later stage never reads
-half an artifact as if it were complete.
+Every write is atomic (`atomic_path`: a temporary file in the same folder, fsynced, then `os.replace`), so a later
+stage never reads half an artifact as if it were complete. Reads check what they can: a damaged Parquet table or
+model weights that no longer match their recorded sha256 stop with an `UnpoisonError` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
+from components.data import atomic_path  # the project's one atomic-write helper; re-exported here
 from components.errors import UnpoisonError
 from components.models import build_model
 
@@ -31,21 +31,6 @@ SPLIT_SCHEMA = {"sample_id": pa.int64(), "pool": pa.string(), "relabel": pa.int6
 ROUNDS_SCHEMA = {"sample_id": pa.int64(), "round": pa.int64(), "kl": pa.float64(), "kept": pa.bool_(),
                  "fitted": pa.bool_()}  # MeCa's enhancement, one row per round and sample
 POOLS = ("clean", "suspect", "dropped")
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(obj, path: Path) -> None:
@@ -84,7 +69,14 @@ def read_table(path: Path, schema: dict[str, pa.DataType]) -> dict[str, np.ndarr
     path = Path(path)
     if not path.exists():
         raise UnpoisonError(f"table '{path}' does not exist; run the stage that writes it first")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:  # pyarrow raises ArrowInvalid, or a bare OSError, for bad content
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno is not None):
+            raise  # the system refused (memory, permissions, I/O): not the file's content
+        reason = " ".join(str(e).replace(f"'{path}'", "it").split())
+        raise UnpoisonError(f"table '{path}' is not a readable Parquet file ({reason[:200]}); it was damaged or cut "
+                            f"short after it was written: run the stage that wrote it again") from e
     missing = [c for c in schema if c not in table.column_names]
     if missing:
         raise UnpoisonError(f"table '{path}' lacks columns {missing} (has {table.column_names}); "
@@ -104,11 +96,22 @@ def save_model(model: torch.nn.Module, meta: dict, folder: Path) -> None:
 
 
 def load_model(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """The model in `folder` and its model.json, after checking the weights against their recorded sha256.
+
+    A damaged weights file can still parse (a changed byte inside a tensor): without the check it would load and
+    silently give another model.
+    """
     folder = Path(folder)
     if not (folder / "model.json").exists() or not (folder / "model.safetensors").exists():
         raise UnpoisonError(f"no complete model in '{folder}' (model.json + model.safetensors); "
                             f"run the training stage that writes it")
     meta = read_json(folder / "model.json")
     model = build_model(meta["architecture"], len(meta["classes"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    weights = (folder / "model.safetensors").read_bytes()
+    actual, expected = hashlib.sha256(weights).hexdigest(), meta.get("weights_sha256")
+    if actual != expected:
+        raise UnpoisonError(f"the weights in '{folder}' are not the ones model.json records (model.safetensors has "
+                            f"sha256 {actual}, model.json records {expected or 'none'}); they were changed or damaged "
+                            f"after they were written: run the stage that wrote this model again")
+    model.load_state_dict(load_safetensors(weights))
     return model, meta

@@ -206,7 +206,7 @@ def load_ground_truth(source: str | os.PathLike, split: str = "train") -> dict[s
 def save_npz(ds: ImageSet, path: str | os.PathLike) -> Path:
     """Write `ds` as a compressed .npz (images, labels, classes, content_hash), atomically."""
     path = Path(path)
-    with _atomic_write(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(
                 f,
@@ -260,7 +260,7 @@ def write_png_parquet(
     if content_hash:
         meta[b"content_hash"] = content_hash.encode()
     table = pa.table(columns).replace_schema_metadata(meta)
-    with _atomic_write(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         # PNG bytes are compressed already; zstd still shrinks the integer columns
         pq.write_table(table, tmp, compression="zstd", row_group_size=1000)
 
@@ -764,10 +764,18 @@ def _check_hash(ds: ImageSet, recorded: str, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_write(path: Path) -> Iterator[str]:
-    """Yield a temporary path in `path`'s folder; on success move it onto `path`, else remove it."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; if the block succeeds, move it onto `path`, else remove it.
+
+    The project's one atomic-write helper (`components.artifacts` re-exports it; it lives here so that this
+    module stays free of torch). A reader sees the old file or the complete new one, never part of one, and no
+    temporary file stays behind on any exception, KeyboardInterrupt included. The file's data is fsynced before
+    the rename and its folder after it: without both, a power cut can leave an empty or missing file under the
+    final name although the write had returned.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     # os.open with mode 0o666 lets the umask decide the final permissions, as a plain open() would
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
@@ -779,6 +787,12 @@ def _atomic_write(path: Path) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # a folder cannot be opened for fsync on some systems (Windows)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _shape_str(shape: Sequence[int]) -> str:

@@ -14,7 +14,8 @@ Guarantees:
   `list` and `get_dir` skip temporary keys that an upload in flight may leave visible.
 - Integrity: the sha256 of the content goes to the object's user metadata (``x-amz-meta-sha256``);
   `get_file` checks it, downloads to a temporary file beside the target and moves it into place only then.
-- Large files go up in parts (`PART_SIZE`, 16 MiB by default).
+- Large files go up in parts (`PART_SIZE`, 16 MiB by default); a multipart upload that fails or is interrupted is
+  aborted (best effort: not while the store is down), so its parts do not stay on the store's disk.
 - Connection errors and 5xx answers are retried with exponential backoff; 4xx answers are not.
 - Every failure a user can fix raises `UnpoisonError` ("<problem>; <fix>"): wrong credentials, an
   unreachable endpoint, a missing object or bucket.
@@ -151,7 +152,8 @@ class Store:
         bucket, key = self._object(uri)
         self.ensure_bucket(bucket)
         meta = {"sha256": sha256_file(local)}
-        part_size = max(self.part_size, -(-local.stat().st_size // (10_000 * MiB)) * MiB)  # at most 10,000 parts
+        size = local.stat().st_size
+        part_size = max(self.part_size, -(-size // (10_000 * MiB)) * MiB)  # at most 10,000 parts
         tmp = f"{key}.tmp-{uuid.uuid4().hex}"
         try:
             self._call(uri, self.client.fput_object, bucket, tmp, str(local), metadata=meta, part_size=part_size)
@@ -162,6 +164,9 @@ class Store:
             with contextlib.suppress(Exception):
                 self.client.remove_object(bucket, tmp)  # best effort: the store may be what failed
             raise
+        finally:
+            if size > part_size:  # went up in parts (minio's rule), so a failed try may have left an upload open
+                self._abort_uploads(bucket, tmp)
         self._call(uri, self.client.remove_object, bucket, tmp)
         return uri
 
@@ -260,6 +265,22 @@ class Store:
 
         listing = self._call(uri, names, missing_ok=True) or []  # a missing bucket holds nothing
         return sorted(k for k in listing if not k.endswith("/") and not TMP_KEY.search(k))
+
+    def _abort_uploads(self, bucket: str, key: str) -> None:
+        """Abort every unfinished multipart upload to `key`, best effort.
+
+        minio aborts a multipart upload that fails, but only on an Exception (not a KeyboardInterrupt) and only
+        if its abort request gets through, which it does not when the store itself crashed; a retry by `_call`
+        then starts another upload. An upload never aborted keeps its parts on the store's disk, out of every
+        listing. `key` is the temporary key of one `put_file` call, so every upload to it is that call's.
+        Uses minio's private `_list_multipart_uploads` and `_abort_multipart_upload` (minio is pinned in
+        pyproject.toml). A store that stays down keeps the upload: a bucket lifecycle rule
+        (AbortIncompleteMultipartUpload) is the store's own remedy.
+        """
+        with contextlib.suppress(Exception):
+            for upload in self.client._list_multipart_uploads(bucket, prefix=key).uploads:
+                if upload.object_name == key:
+                    self.client._abort_multipart_upload(bucket, key, upload.upload_id)
 
     def _download(self, bucket: str, key: str, tmp: Path) -> tuple[str | None, str]:
         """Stream the object into `tmp`; (sha256 from its metadata, sha256 of what arrived)."""

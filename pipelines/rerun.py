@@ -24,10 +24,12 @@ from components.stages import MONITOR_SIZE
 
 
 def find_run(client, experiment: str, ref: str):
+    """The parent run named `ref` (run name or KFP run id), else the MLflow run with id `ref`."""
+    quoted = _filter_string(ref)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         for tag in ("unpoison.run", "unpoison.kfp_run_id"):
-            runs = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{ref}' and tags.`unpoison.defense` != ''")
+            runs = client.search_runs([exp.experiment_id], f"tags.`{tag}` = {quoted} and tags.`unpoison.defense` != ''")
             parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
             if parents:
                 return parents[0]
@@ -36,6 +38,16 @@ def find_run(client, experiment: str, ref: str):
     except Exception:
         raise UnpoisonError(f"no recorded run '{ref}' in {client.tracking_uri}; pass a run folder, or the run name, KFP "
                             f"run id or MLflow run id, and --mlflow-uri where it was recorded") from None
+
+
+def _filter_string(value: str) -> str:
+    """`value` as a string literal of MLflow's search syntax, which has no escapes: in single quotes, or in double
+    quotes when it holds a single quote. One holding both quotes, or a backslash, cannot be written: an error."""
+    for quote in ("'", '"'):
+        if quote not in value and "\\" not in value:
+            return f"{quote}{value}{quote}"
+    raise UnpoisonError(f"run reference {value!r} holds both kinds of quote or a backslash, which an MLflow search "
+                        f"cannot match; pass the run's folder, its MLflow run id or its KFP run id instead")
 
 
 def earlier_run(ref: str, uri: str) -> tuple[dict, dict[str, str], str]:
