@@ -74,17 +74,25 @@ def split_metrics(split: Path, samples: dict, target: int | None = None) -> dict
     return out
 
 
-def round_metrics(rounds: Path, samples: dict) -> list[dict]:
-    """MeCa's enhancement per round: what the defender saw, and what ground truth says about it."""
+def round_metrics(rounds: Path, samples: dict, target: int | None = None) -> list[dict]:
+    """MeCa's enhancement per round: what the defender saw (fit shares), and what ground truth says about it (poison
+    and clean samples fitted and kept; with a target class, its clean samples fitted: the enhanced model's bias
+    toward the target label makes it fit them, and identification then calls them poison)."""
     table = artifacts.read_table(rounds, ROUNDS_SCHEMA)
     out = []
     for r in np.unique(table["round"]):
         sel = table["round"] == r
-        poison = samples["is_poison"][table["sample_id"][sel]]
+        ids = table["sample_id"][sel]
+        poison = samples["is_poison"][ids]
         kept, fitted, kl = table["kept"][sel], table["fitted"][sel], table["kl"][sel]
-        rec = {"round": int(r), "fit_share": float(fitted.mean()), "poison_fitted": float(fitted[poison].mean()),
-               "clean_fitted": float(fitted[~poison].mean()), "unlearned": int((~kept).sum()),
-               "poison_unlearned": int((~kept & poison).sum())}
+        rec = {"round": int(r), "fit_share": float(fitted.mean()), "fit_kept": float(fitted[kept].mean()),
+               "fit_unlearned": float(fitted[~kept].mean()) if (~kept).any() else float("nan"),
+               "poison_fitted": float(fitted[poison].mean()), "clean_fitted": float(fitted[~poison].mean()),
+               "unlearned": int((~kept).sum()), "poison_unlearned": int((~kept & poison).sum()),
+               "poison_kept": int((kept & poison).sum())}
+        if target is not None:
+            clean_target = ~poison & (samples["true_label"][ids] == target)
+            rec["clean_target_fitted"] = float(fitted[clean_target].mean()) if clean_target.any() else float("nan")
         if not np.isnan(kl).all():
             rec["kl_auroc"] = metrics.auroc(-kl, poison)
         out.append(rec)

@@ -132,11 +132,16 @@ def markdown(m: dict, plots: list[str]) -> str:
             lines.append(f"| {name} | {s['auroc']:.4f} | {s['clean_mean']:.4f} | {s['poison_mean']:.4f} |")
     if m.get("rounds"):
         lines += ["", "## Backdoor enhancement rounds", "",
-                  "| round | fit share (observed) | poison fitted | clean fitted | unlearned | poison unlearned | KL AUROC |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "Observed: the share of samples the enhanced model fits (classifies as their label) in the whole "
+                  "set, in the part kept for learning and in the unlearned part. Ground truth: the rest.", "",
+                  "| round | fit share | fit kept | fit unlearned | poison fitted | clean fitted | clean target fitted | "
+                  "unlearned | poison unlearned | poison kept | KL AUROC |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in m["rounds"]:
-            lines.append(f"| {r['round']} | {r['fit_share']:.3f} | {r['poison_fitted']:.3f} | {r['clean_fitted']:.3f} | "
-                         f"{r['unlearned']} | {r['poison_unlearned']} | {_fmt(r.get('kl_auroc', '-'))} |")
+            lines.append(f"| {r['round']} | {r['fit_share']:.3f} | {_fmt(r.get('fit_kept', '-'))} | "
+                         f"{_fmt(r.get('fit_unlearned', '-'))} | {r['poison_fitted']:.3f} | {r['clean_fitted']:.3f} | "
+                         f"{_fmt(r.get('clean_target_fitted', '-'))} | {r['unlearned']} | {r['poison_unlearned']} | "
+                         f"{r.get('poison_kept', '-')} | {_fmt(r.get('kl_auroc', '-'))} |")
     if m.get("stages"):
         lines += ["", "## Stages", "", "| stage | seconds | samples/s |", "| --- | --- | --- |"]
         for name, s in m["stages"].items():

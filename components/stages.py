@@ -288,7 +288,7 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
         m["splits"] = {name: evaluation.split_metrics(at(ref), table, atk.target)
                        for name, ref in spec["splits"].items()}
         if spec["rounds"] is not None:
-            m["rounds"] = evaluation.round_metrics(at(spec["rounds"]), table)
+            m["rounds"] = evaluation.round_metrics(at(spec["rounds"]), table, atk.target)
     if spec["detection"] is not None:
         pool = artifacts.read_table(at(spec["splits"][spec["detection"]]), SPLIT_SCHEMA)["pool"]
         flagged = pool != "clean"

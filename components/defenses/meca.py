@@ -45,6 +45,7 @@ class MecaParams(Strict):
     unlearn_lr: float = Field(0.01, gt=0)
     unlearn_ceiling: float = Field(5.0, gt=0)  # per-sample CE above which ascent stops (safeguard)
     learn_lr: float = Field(0.01, gt=0)
+    round0_learn: bool = False  # a learning epoch on round 0's kept part too, after the warm-up (DESIGN.md's reference)
     score_batch: int = Field(512, ge=1)
     finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
     finetune_lr: float = Field(0.01, gt=0)
@@ -82,18 +83,32 @@ def fitted(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     return (engine.predict(model, x).argmax(1) == y).numpy()
 
 
+def observe(fit: np.ndarray, kept: np.ndarray, kl: np.ndarray | None, labels: np.ndarray) -> dict:
+    """What a defender sees after an enhancement round, without ground truth: the share of samples the model fits
+    (classifies as their delivered label) in the whole set, in the part kept for learning and in the unlearned
+    part, per delivered label, and the quantiles of the round's KL scores (none in round 0, whose partition comes
+    from the warm-up model's scores)."""
+    share = lambda m: float(fit[m].mean()) if m.any() else float("nan")  # noqa: E731
+    out = {"fit_share": float(fit.mean()), "fit_kept": share(kept), "fit_unlearned": share(~kept),
+           "fit_by_label": [share(labels == k) for k in range(int(labels.max()) + 1)]}
+    if kl is not None:
+        out.update({f"kl_q{q}": float(v) for q, v in zip((10, 50, 90), np.quantile(kl, [0.1, 0.5, 0.9]))})
+    return out
+
+
 def enhance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kept0: np.ndarray, params: MecaParams,
             base: TrainParams, seed: int, on_round: Callable[[dict], None] | None = None) -> list[dict]:
     """Algorithm 2, lines 2-10, starting after round 0's partition (`kept0`, from the warm-up model's KL).
 
     Returns one record per round with what a defender can observe (no ground truth): the round's kept mask, KL
-    scores and the share of D_u the model fits after the round.
+    scores, which samples the model fits after the round and the shares of `observe`.
     """
     rounds = []
     kept, kl = kept0, None
     for e in range(params.rounds):
-        if e > 0:
+        if e > 0 or params.round0_learn:
             learn(model, x[torch.from_numpy(kept)], y[torch.from_numpy(kept)], params, base, desc=f"learn r{e}")
+        if e > 0:
             kl = scores.meca_kl(model, x, y, eps=params.eps, patch=params.patch, seed=seed + e,
                                 batch_size=params.score_batch)
             kept = partition(kl, e, params.gamma)
@@ -101,7 +116,7 @@ def enhance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kept0: np.ndarra
         unlearn(model, x[forget], y[forget], params, base, desc=f"unlearn r{e}")
         fit = fitted(model, x, y)
         record = {"round": e, "keep_share": keep_share(e, params.gamma), "kept": kept.copy(), "kl": kl,
-                  "fitted": fit, "fit_share": float(fit.mean())}
+                  "fitted": fit, **observe(fit, kept, kl, y.numpy())}
         rounds.append(record)
         if on_round is not None:
             on_round(record)
@@ -148,7 +163,7 @@ def partition_stage(score_table: Path, out: Path, *, params: MecaParams) -> dict
 def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params: MecaParams, base: TrainParams,
                   seed: int) -> dict:
     """MeCa Algorithm 2, lines 2-10: out/model (the enhanced model), out/rounds.parquet (per round and sample: KL,
-    kept, fitted), out/rounds.json (what the defender observes per round)."""
+    kept, fitted), out/rounds.json (what the defender observes per round, `observe`)."""
     ds = stages.load_dataset(dataset)
     x, y = stages.tensors(ds)
     net, meta = artifacts.load_model(model)
@@ -165,12 +180,12 @@ def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params:
             "fitted": np.concatenate([r["fitted"] for r in rounds])}
     out = Path(out)
     artifacts.write_table(cols, out / "rounds.parquet", ROUNDS_SCHEMA)
-    observed = [{"round": r["round"], "keep_share": r["keep_share"], "fit_share": r["fit_share"]} for r in rounds]
+    observed = [{k: v for k, v in r.items() if k not in ("kept", "kl", "fitted")} for r in rounds]
     artifacts.write_json(observed, out / "rounds.json")
     artifacts.save_model(net, {**meta, "enhanced": params.model_dump(), "epochs": meta["epochs"] + params.rounds},
                          out / "model")
     return {"samples": n, "samples_per_second": n * params.rounds / seconds,
-            **{f"fit_share_r{r['round']}": r["fit_share"] for r in observed}}
+            **{f"{k}_r{r['round']}": r[k] for r in observed for k in ("fit_share", "fit_kept", "fit_unlearned")}}
 
 
 def identify_stage(dataset: Path, model: Path, out: Path) -> dict:
