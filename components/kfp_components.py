@@ -7,9 +7,11 @@ parameters, the others keep their constant defaults, so a task's cache key is wh
 defense's own section), and the upstream stage outputs in numbered slots with their stage names in `upstream`. The pipeline
 builder gives each task its stage's name. Each component calls one stage function through `stages.recorded`,
 which writes `stage.json` (result, wall time, a unique execution id) into the output so that tracking can tell a
-fresh execution from one served by the cache. Components are lightweight Python components on the stage image, with
-the package preinstalled (`install_kfp_package=False`) and every import inside the function body, so the same
-component runs in a pod and under `kfp.local.SubprocessRunner(use_venv=False)`. Artifacts are folders.
+fresh execution from one served by the cache. A stage that raises an UnpoisonError (bad configuration or data)
+does not fail its task, so that KFP does not retry it; the run fails in `track` (components/runner.py, `guarded`).
+Components are lightweight Python components on the stage image, with the package preinstalled
+(`install_kfp_package=False`) and every import inside the function body, so the same component runs in a pod and
+under `kfp.local.SubprocessRunner(use_venv=False)`. Artifacts are folders.
 """
 
 import os
@@ -30,9 +32,11 @@ def poison(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], 
     """Poison injection: the poisoned set (dataset.npz, attack.json, sources) and, apart, the ground-truth table."""
     from components import stages
     from components.params import AttackParams
+    from components.runner import guarded
 
-    stages.recorded("poison", stages.poison, dataset.path, data, AttackParams(**attack),
-                    train_limit=train_limit or None, truth=truth.path)
+    guarded("poison", [dataset.path, truth.path], [], lambda: stages.recorded(
+        "poison", stages.poison, dataset.path, data, AttackParams(**attack), train_limit=train_limit or None,
+        truth=truth.path))
 
 
 @component
@@ -40,9 +44,11 @@ def ingest(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], 
     """The data set as delivered: nothing injected; ground truth apart, when the source carries it."""
     from components import stages
     from components.params import AttackParams
+    from components.runner import guarded
 
-    stages.recorded("ingest", stages.ingest, dataset.path, data, AttackParams(**attack),
-                    train_limit=train_limit or None, truth=truth.path)
+    guarded("ingest", [dataset.path, truth.path], [], lambda: stages.recorded(
+        "ingest", stages.ingest, dataset.path, data, AttackParams(**attack), train_limit=train_limit or None,
+        truth=truth.path))
 
 
 @component
@@ -103,6 +109,9 @@ def evaluate(defense: str, delivered: bool, upstream: list, metrics: Output[Metr
                  train=train, final=final, section=section)
     slots = [in0, in1, in2, in3, in4, in5, in6, in7, in8, in9, in10, in11, in12, in13, in14, in15]
     record = run_task(defense, "evaluate", delivered, given, upstream, slots, metrics.path)
+    if record is None:  # a stage stopped on a user error: no metrics; `track` fails the run with the message
+        Path(report.path).write_text("No report: a stage stopped on a user error (see the `track` task).\n")
+        return
     shutil.copy(Path(metrics.path) / "report.md", report.path)
     for key, value in record["result"].items():
         metrics.log_metric(key, value)

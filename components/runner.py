@@ -3,16 +3,28 @@
 The KFP components (components/kfp_components.py) are thin: they hand over the defense and stage names, the values
 of the configuration keys the stage reads, and their input artifacts; this module rebuilds the configuration and
 calls the same `run_stage` the local runner calls.
+
+Retries and user errors. KFP 2.17 retries a failed task whatever made it fail: its RetryPolicy holds a count and a
+backoff only (no exit-code filter), and the launcher that wraps a component exits 1 whatever the component's exit
+code. A task failed by bad configuration or data would hold its GPU through every retry for the same error. So a
+task never fails on an UnpoisonError (`guarded`): it records the error in its outputs and ends, later tasks pass
+it on without running, and `track` (never retried, it reads every stage's output) fails the run with the message
+and exit code USER_ERROR_EXIT. Whatever else ends a task fails it, and KFP retries it: an eviction, a preempted
+node, the timeout, any other exception (a CUDA error), and an object store still unreachable or failing (5xx) after
+the store's own retries (an UnpoisonError caused by such an error: the CLI reports it as one, KFP retries it).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
-from components import artifacts, tracking
+from components import artifacts, store, tracking
 from components.config import validate
 from components.defenses import get
 from components.defenses.base import run_stage
+from components.errors import USER_ERROR_EXIT, USER_ERROR_FILE, UnpoisonError
 
 
 def config_from(defense: str, given: dict, reads: tuple[str, ...]):
@@ -26,12 +38,47 @@ def config_from(defense: str, given: dict, reads: tuple[str, ...]):
     return validate(tree, tree.get("protocol", "custom"))
 
 
-def run_task(defense: str, stage: str, delivered: bool, given: dict, upstream: list[str], slots: list, out: str) -> dict:
-    d = get(defense)
-    st = d.stage(stage, delivered)
-    cfg = config_from(defense, given, (*st.reads, *(("data",) if st.monitor else ())))
+def user_error(folders) -> dict | None:
+    """The user error a task recorded in one of these artifact folders, if any."""
+    for folder in folders:
+        marker = Path(folder) / USER_ERROR_FILE
+        if marker.is_file():
+            return json.loads(marker.read_text())
+    return None
+
+
+def guarded(stage: str, outs: list, inputs, run) -> dict | None:
+    """A task's stage (`run()`, which returns its record) that stops on a user error instead of failing the task:
+    the UnpoisonError, or one an input already carries (the stage does not run then), goes into every output
+    folder in `outs` as USER_ERROR_FILE, and the task ends with exit code 0, so KFP does not retry it (module
+    docstring). Returns the record, or None when the stage stopped."""
+    error = user_error(inputs)
+    if error is None:
+        try:
+            return run()
+        except UnpoisonError as e:
+            if e.__cause__ is not None and store._transient(e.__cause__):
+                raise  # the object store was unreachable or failed (5xx) past its own retries: KFP retries later
+            error = {"stage": stage, "error": str(e)}
+            print(f"unpoison: error: {e} (a user error: not retried; the run fails in track)", file=sys.stderr)
+    for out in outs:  # every output must exist, or the launcher fails the task on the upload
+        Path(out).mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(error, Path(out) / USER_ERROR_FILE)
+    return None
+
+
+def run_task(defense: str, stage: str, delivered: bool, given: dict, upstream: list[str], slots: list,
+             out: str) -> dict | None:
+    """A declared stage of a KFP task (`guarded`): its record, or None when it stopped on a user error."""
     dirs = {name: Path(a.path) for name, a in zip(upstream, slots) if a is not None}
-    return run_stage(st, cfg, Path(out), dirs, d.plan(delivered)[0].name)
+
+    def run():
+        d = get(defense)
+        st = d.stage(stage, delivered)
+        cfg = config_from(defense, given, (*st.reads, *(("data",) if st.monitor else ())))
+        return run_stage(st, cfg, Path(out), dirs, d.plan(delivered)[0].name)
+
+    return guarded(stage, [out], dirs.values(), run)
 
 
 def record(defense: str, delivered: bool, run_name: str, config: dict, stage_dirs: dict[str, tuple[str, str]], *,
@@ -49,7 +96,13 @@ def record(defense: str, delivered: bool, run_name: str, config: dict, stage_dir
 
 
 def track_run(run_id: str, defense: str, delivered: bool, given: dict, upstream: list[str], slots: list) -> str:
-    """Record a KFP run in MLflow from its stage artifacts (every parameter of the pipeline is in `given`)."""
+    """Record a KFP run in MLflow from its stage artifacts (every parameter of the pipeline is in `given`). When a
+    stage stopped on a user error, fail the run instead, with its message and exit code USER_ERROR_EXIT: this
+    task is never retried, so the run fails once and shows why."""
+    error = user_error(a.path for a in slots if a is not None)
+    if error is not None:
+        print(f"unpoison: error: stage {error['stage']} stopped: {error['error']}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT)
     d = get(defense)
     config = {k: v for k, v in given.items() if k != "section"}
     config["train_limit"] = config["train_limit"] or None

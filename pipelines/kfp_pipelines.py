@@ -4,8 +4,14 @@ kfp.local.
 A defense's pipeline parameters are the CLI's shared configuration (`data`, `protocol`, `train_limit`, `model`,
 `seed`, and as dicts `attack`, `train`, `final`) and its own section (`meca`, `aabl`), never another defense's. Every
 stage is a task named after it; each task binds only the parameters its stage reads. Every training and scoring
-task asks for a GPU node (`on_gpu`); every task reads the S3 and MLflow credentials from Kubernetes Secrets as
-environment variables.
+task asks for a GPU node (`on_gpu`), with CPU and memory limits and a timeout; every task reads the S3 and MLflow
+credentials from Kubernetes Secrets as environment variables.
+
+Retries: every stage task is retried (`RETRIES`, with backoff) when it fails: an evicted pod, a preempted node, a
+timeout (what Argo counts as a failure: README, Kubernetes section). A user error (UnpoisonError: bad
+configuration or data) does not fail its task, since KFP would retry it too: KFP 2.17's retry policy has no
+exit-code filter. The task records the error, the tasks after it pass it on without running, and `track` (never
+retried) fails the run with the message and exit code 3 (components/runner.py, `guarded`).
 """
 
 
@@ -29,6 +35,15 @@ COMPILED = Path(__file__).resolve().parent / "compiled"
 S3_SECRET = "unpoison-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT
 MLFLOW_SECRET = "unpoison-mlflow"  # key MLFLOW_TRACKING_URI
 GPU_NODE_SELECTOR = os.environ.get("UNPOISON_GPU_NODE_SELECTOR", "")  # "label=value", read at compile time
+# Limits of a GPU task, read at compile time too: twice its requests (4 CPUs, 16Gi), room for data loading and
+# torch.compile workers; beyond the memory limit the pod is OOM-killed (and retried), above the CPU limit throttled.
+GPU_CPU_LIMIT = os.environ.get("UNPOISON_GPU_CPU_LIMIT", "8")
+GPU_MEMORY_LIMIT = os.environ.get("UNPOISON_GPU_MEMORY_LIMIT", "32Gi")
+# Seconds one attempt of a GPU task may run (the pod's activeDeadlineSeconds): a hung attempt gives its GPU back.
+# 6 h: a paper-protocol stage (at most 100 epochs of ResNet-18 on CIFAR-10) should take a fraction of it on one GPU
+# (no GPU timing is recorded yet); raise it for a slow GPU or a longer schedule.
+GPU_TIMEOUT_S = int(os.environ.get("UNPOISON_GPU_TIMEOUT", str(6 * 3600)))
+RETRIES = 2  # retries of a failed task, 30 s then 60 s apart
 
 
 def without_none(tree):
@@ -50,20 +65,30 @@ def with_secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def on_gpu(task: dsl.PipelineTask, *, cpu: str = "4", memory: str = "16Gi") -> dsl.PipelineTask:
+def on_gpu(task: dsl.PipelineTask, *, cpu: str = "4", memory: str = "16Gi", cpu_limit: str = GPU_CPU_LIMIT,
+           memory_limit: str = GPU_MEMORY_LIMIT, timeout_s: int = GPU_TIMEOUT_S) -> dsl.PipelineTask:
     """A training or scoring task: one NVIDIA GPU, its toleration, the optional node selector, CPU and memory
-    requests, retries with backoff, secrets as env, caching on."""
+    requests and limits, a timeout per attempt, retries with backoff, secrets as env, caching on."""
     task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
     if GPU_NODE_SELECTOR:
         key, _, value = GPU_NODE_SELECTOR.partition("=")
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    return on_cpu(task, cpu=cpu, memory=memory)
+    task.set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
+    kubernetes.set_timeout(task, timeout_s)  # a timed-out attempt fails, and is retried like an evicted one
+    on_cpu(task, cpu=cpu, memory=memory)
+    # Argo retries only within backoff_max_duration of the first attempt's start, and cuts a retry at that
+    # deadline. KFP's default of 1 h would leave a GPU stage preempted after its first hour without a retry: give
+    # every attempt its full timeout, with an hour to spare for scheduling and the backoff.
+    return task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2,
+                          backoff_max_duration=f"{(RETRIES + 1) * timeout_s + 3600}s")
 
 
 def on_cpu(task: dsl.PipelineTask, *, cpu: str = "2", memory: str = "8Gi") -> dsl.PipelineTask:
     task.set_cpu_request(cpu).set_memory_request(memory)
-    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
+    # Every failure is retried: KFP cannot tell a user error by exit code, so a stage never fails on one (module
+    # docstring). CPU stages are short: KFP's default backoff_max_duration (1 h) covers their retries.
+    task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2)
     task.set_caching_options(enable_caching=True)
     return with_secrets(task)
 
@@ -145,7 +170,8 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
         tracked = [s.name for s in plan if s.name in outputs] + ["truth"]
         track = c.track(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, defense=defense, delivered=delivered,
                         **_config_args(d, p, names), **_slots(outputs, tracked))
-        with_secrets(track).set_caching_options(enable_caching=False)  # bookkeeping: runs every time
+        # bookkeeping: runs every time; no retry, since it fails a run whose stage stopped on a user error
+        with_secrets(track).set_caching_options(enable_caching=False)
         track.set_cpu_request("1").set_memory_request("2Gi")
         return last
 

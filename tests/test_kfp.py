@@ -34,7 +34,9 @@ def _executed(out: str) -> list[str]:
 
 
 def test_checked_in_yaml_is_current(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("UNPOISON_STAGE_IMAGE", "UNPOISON_GPU_NODE_SELECTOR")}
+    compile_time = ("UNPOISON_STAGE_IMAGE", "UNPOISON_GPU_NODE_SELECTOR", "UNPOISON_GPU_CPU_LIMIT",
+                    "UNPOISON_GPU_MEMORY_LIMIT", "UNPOISON_GPU_TIMEOUT")
+    env = {k: v for k, v in os.environ.items() if k not in compile_time}
     subprocess.run([sys.executable, "-m", "pipelines.cli", "compile", "--out", str(tmp_path)], cwd=REPO, env=env,
                    check=True, capture_output=True)
     for fresh in sorted(tmp_path.glob("*.yaml")):
@@ -48,7 +50,7 @@ def test_checked_in_yaml_is_current(tmp_path):
 
 
 @pytest.mark.parametrize("name", [kp.pipeline_name(d, delivered) for d in REGISTRY for delivered in (False, True)])
-def test_compiled_spec_asks_for_gpus_secrets_and_caching(name):
+def test_compiled_spec_asks_for_gpus_limits_timeouts_retries_secrets_and_caching(name):
     defense = REGISTRY[name.removesuffix("-delivered")]
     gpu_tasks = {s.name.replace("_", "-") for s in defense.plan(name.endswith("-delivered")) if s.gpu}
     pipeline, platform = _spec(name)
@@ -68,13 +70,29 @@ def test_compiled_spec_asks_for_gpus_secrets_and_caching(name):
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
             assert resources["accelerator"]["resourceCount"] == "1"
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
-            assert task["retryPolicy"]["maxRetryCount"] == 2
+            # the defaults README states: limits twice the requests, 6 h per attempt
+            assert (resources["resourceCpuLimit"], resources["resourceMemoryLimit"]) == ("8", "32Gi"), task_name
+            assert int(k8s["activeDeadlineSeconds"]) == 6 * 3600, task_name
+            # Argo retries only within backoffMaxDuration of the first start: room for every attempt's timeout
+            assert int(task["retryPolicy"]["backoffMaxDuration"].removesuffix("s")) >= 3 * 6 * 3600
         else:
             assert "accelerator" not in resources, task_name
         if task_name == "track":
             assert not task.get("cachingOptions", {}).get("enableCache"), "tracking must run every time"
+            # a stage that stopped on a user error fails the run here, once: never retried
+            assert "retryPolicy" not in task
         else:
             assert task["cachingOptions"]["enableCache"] is True, task_name
+            # an evicted or preempted stage is retried; a user error does not fail it (the runner's guard)
+            assert task["retryPolicy"]["maxRetryCount"] == 2, task_name
+            program = executors[executor]["container"]["command"][-1]
+            assert "components.runner import guarded" in program or "components.runner import run_task" in program
+    # track reads every stage's output, so a user error recorded by any stage reaches it
+    track = tasks["track"]["inputs"]
+    producers = {a["taskOutputArtifact"]["producerTask"] for a in track["artifacts"].values()}
+    assert producers == set(tasks) - {"track"}
+    assert set(track["parameters"]["upstream"]["runtimeValue"]["constant"]) == \
+        set(defense.stage_names(name.endswith("-delivered"))) | {"truth"}
     # secrets are never component inputs
     for component in pipeline["components"].values():
         params = component.get("inputDefinitions", {}).get("parameters", {})
