@@ -33,7 +33,7 @@ from components.defenses.base import DATA, Defense
 
 COMPILED = Path(__file__).resolve().parent / "compiled"
 S3_SECRET = "unpoison-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT
-MLFLOW_SECRET = "unpoison-mlflow"  # key MLFLOW_TRACKING_URI
+MLFLOW_SECRET = "unpoison-mlflow"  # keys MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
 GPU_NODE_SELECTOR = os.environ.get("UNPOISON_GPU_NODE_SELECTOR", "")  # "label=value", read at compile time
 # Limits of a GPU task, read at compile time too: twice its requests (4 CPUs, 16Gi), room for data loading and
 # torch.compile workers; beyond the memory limit the pod is OOM-killed (and retried), above the CPU limit throttled.
@@ -60,8 +60,10 @@ def with_secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """The object store and MLflow credentials as env vars from Secrets (never component inputs)."""
     keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"]
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in keys})
-    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, optional=True,  # without it: no tracking
-                                 secret_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+    # optional, key by key: without the Secret no tracking; without the user keys, a server without authentication
+    mlflow_keys = ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
+    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, optional=True,
+                                 secret_key_to_env={k: k for k in mlflow_keys})
     return task
 
 

@@ -10,6 +10,7 @@ them: CI must not pass by checking nothing.
 from __future__ import annotations
 
 import base64
+import configparser
 import json
 import os
 import re
@@ -28,7 +29,9 @@ DOCKERFILES = [ROOT / "images" / "stage.Dockerfile", ROOT / "images" / "mlflow.D
 # Every kustomization that can be applied: base and each overlay (found, so a new overlay is checked too).
 TARGETS = ["base"] + sorted(f"overlays/{p.parent.name}" for p in MANIFESTS.glob("overlays/*/kustomization.yaml"))
 PLACEHOLDER = "REPLACE_ME"
-CREDENTIAL_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+CREDENTIAL_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+                   "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_TRACKING_USERNAME",
+                   "MLFLOW_TRACKING_PASSWORD"}
 KFP_STORE = "http://minio-service.kubeflow:9000"
 
 
@@ -94,6 +97,30 @@ def test_stage_image_copies_what_the_package_build_needs():
     assert ignore[ignore.index("*") + 1:][:4] == ["!pyproject.toml", "!README.md", "!components/", "!pipelines/"]
 
 
+def test_mlflow_image_runs_basic_auth_with_its_settings_and_no_credential():
+    """The entrypoint turns MLflow's basic authentication on; its settings file is copied (and only it is in the
+    build context), names no password and keeps the user database on the volume; the auth extra is installed."""
+    dockerfile = ROOT / "images" / "mlflow.Dockerfile"
+    ins = _instructions(dockerfile)
+    entrypoint = json.loads(next(arg for op, arg in ins if op == "ENTRYPOINT"))
+    assert entrypoint[:4] == ["mlflow", "server", "--app-name", "basic-auth"], entrypoint
+    (copy,) = [arg.split() for op, arg in ins if op == "COPY"]
+    assert copy == ["images/mlflow-basic-auth.ini", "/etc/mlflow/basic_auth.ini"]
+    env = " ".join(arg for op, arg in ins if op == "ENV")
+    assert "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in env.split()
+    install = next(arg for op, arg in ins if op == "RUN" and "pip install" in arg)
+    assert '"mlflow[auth]==3.17.2"' in install and re.search(r"\bFlask-WTF==\d+\.\d+\.\d+\b", install), install
+    ignore = [ln for ln in (ROOT / "images" / "mlflow.Dockerfile.dockerignore").read_text().splitlines()
+              if ln and not ln.startswith("#")]
+    assert ignore == ["*", "!images/mlflow-basic-auth.ini"]
+    config = configparser.ConfigParser()
+    assert config.read(ROOT / copy[0]) and set(config.sections()) == {"mlflow"}
+    auth = config["mlflow"]
+    assert "admin_password" not in auth and auth["admin_username"] == "admin"
+    assert auth["database_uri"] == "sqlite:////mlflow/basic_auth.db"  # the Deployment's volume, mounted at /mlflow
+    assert auth["default_permission"] == "EDIT"
+
+
 # ---------------------------------------------------------------- kustomize renderings
 
 
@@ -152,6 +179,7 @@ def test_renders_mlflow_server_and_pipeline_secrets(rendered, target):
     args = container["args"]
     assert "--backend-store-uri=sqlite:////mlflow/mlflow.db" in args and "--serve-artifacts" in args
     assert "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
+    assert "--app-name=basic-auth" in args
     hosts = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
     assert {"mlflow", "mlflow.unpoison.svc.cluster.local:5000", "localhost:*"} <= set(hosts)
     env = {e["name"]: e for e in container["env"]}
@@ -159,6 +187,12 @@ def test_renders_mlflow_server_and_pipeline_secrets(rendered, target):
     assert env["AWS_RESPONSE_CHECKSUM_VALIDATION"]["value"] == "when_required"
     assert env["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"]["configMapKeyRef"]["name"] == "mlflow-config"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-s3"
+    # MLflow's basic auth: the admin password and the CSRF key from a Secret of their own, never from the image
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key}
+    auth = _secret(_get(objs, "Secret", "mlflow-auth", "unpoison"))
+    assert set(auth) == {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+    assert not any("MLFLOW_AUTH" in str(o.get("data")) for o in objs if o["kind"] == "ConfigMap")
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     service = _get(objs, "Service", "mlflow", "unpoison")
@@ -169,7 +203,14 @@ def test_renders_mlflow_server_and_pipeline_secrets(rendered, target):
     s3 = _secret(_get(objs, "Secret", "unpoison-s3", pipeline_ns))
     assert set(s3) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"}
     tracking = _secret(_get(objs, "Secret", "unpoison-mlflow", pipeline_ns))
-    assert tracking == {"MLFLOW_TRACKING_URI": "http://mlflow.unpoison.svc.cluster.local:5000"}
+    assert tracking == {"MLFLOW_TRACKING_URI": "http://mlflow.unpoison.svc.cluster.local:5000",
+                        "MLFLOW_TRACKING_USERNAME": PLACEHOLDER, "MLFLOW_TRACKING_PASSWORD": PLACEHOLDER}
+    # MLflow admits its port from the namespace where pipeline pods run, and from nowhere else
+    policy = _get(objs, "NetworkPolicy", "mlflow", "unpoison")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}
+    assert policy["spec"]["ingress"] == [{
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": pipeline_ns}}}],
+        "ports": [{"port": 5000, "protocol": "TCP"}]}]
     for kind in ("ServiceAccount", "Role", "RoleBinding"):
         assert _get(objs, kind, "unpoison-pipeline", pipeline_ns), kind
     binding = _get(objs, "RoleBinding", "unpoison-pipeline", pipeline_ns)

@@ -64,7 +64,11 @@ def test_compiled_spec_asks_for_gpus_limits_timeouts_retries_secrets_and_caching
         k8s = platform[executor]
         secrets = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in k8s["secretAsEnv"]}
         assert secrets["unpoison-s3"] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"}
-        assert secrets["unpoison-mlflow"] == {"MLFLOW_TRACKING_URI"}
+        assert secrets["unpoison-mlflow"] == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                              "MLFLOW_TRACKING_PASSWORD"}  # the env MLflow's client reads
+        # optional key by key (the KFP driver sets it on each secretKeyRef): an older Secret holding only the URI
+        # still starts the pods, and tracks to a server without authentication
+        assert next(s for s in k8s["secretAsEnv"] if s["secretName"] == "unpoison-mlflow")["optional"] is True
         assert "cpuRequest" in resources and "memoryRequest" in resources
         if task_name in gpu_tasks:
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
