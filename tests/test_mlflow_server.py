@@ -29,6 +29,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serving(proc: subprocess.Popen, port: int, root: Path, log):
+    """Wait until the server answers /health (unauthenticated, as the kubelet's probes), yield its URL, stop it."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -40,24 +62,7 @@ def mlflow_server(s3_server, tmp_path_factory):
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts",
          "--serve-artifacts", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
         env={**os.environ, **s3_server.env}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    yield from _serving(proc, port, root, log)
 
 
 def test_pipeline_run_logged_to_mlflow_server_with_artifacts_on_s3(mlflow_server, tmp_path):
@@ -134,24 +139,7 @@ def auth_server(tmp_path_factory):
          "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
          "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
         env=_basic_auth_env(root, ADMIN_PASSWORD), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)  # unauthenticated: the kubelet's probes
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    yield from _serving(proc, port, root, log)
 
 
 def test_basic_auth_refuses_requests_without_valid_credentials(auth_server):
