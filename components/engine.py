@@ -13,18 +13,21 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from components import checkpoint as checkpoints
 from components.params import TrainParams
 
 # (logits, labels, sample indices) -> per-sample loss, shape (B,)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochCallback = Callable[[int, nn.Module, dict], None]
-# (model, float batch, labels) -> the batch to train on, e.g. PGD adversarial examples (A-ABL Eq. 1's inner max)
+# (model, float batch, labels) -> the batch to train on, e.g. PGD adversarial examples (A-ABL Eq. 1's inner max).
+# One that draws random numbers keeps their torch.Generator as its attribute `generator`, which checkpoints restore.
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -144,20 +147,55 @@ def prepare(model: nn.Module, p: TrainParams, device: torch.device) -> nn.Module
     return model
 
 
+def _generators(gen: torch.Generator, perturb: Perturb | None) -> dict[str, torch.Generator]:
+    extra = getattr(perturb, "generator", None)
+    return {"batches": gen, **({"perturb": extra} if isinstance(extra, torch.Generator) else {})}
+
+
+def _state(model, opt, sched, generators: dict, history: list[dict], epochs: int, key: str) -> dict:
+    """A checkpoint (components/checkpoint.py) after len(history) of `epochs` epochs; a finished training's leaves
+    out the optimizer and scheduler."""
+    done = len(history) == epochs
+    return {"format": checkpoints.FORMAT, "key": key, "epoch": len(history), "epochs": epochs, "complete": done,
+            "model": model.state_dict(), "optimizer": None if done else opt.state_dict(),
+            "scheduler": None if done else sched.state_dict(),
+            "generators": {k: g.get_state() for k, g in generators.items()}, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "history": history}
+
+
+def _restore(state: dict, model, opt, sched, generators: dict) -> None:
+    model.load_state_dict(state["model"])
+    if not state["complete"]:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: TrainParams, *,
           loss_fn: LossFn = cross_entropy, weights: torch.Tensor | None = None, perturb: Perturb | None = None,
           on_epoch: EpochCallback | None = None, desc: str = "train", device: torch.device | None = None,
-          frozen_norm: bool = False) -> list[dict]:
+          frozen_norm: bool = False, checkpoint: Path | None = None) -> list[dict]:
     """Train `model` in place on uint8 `images` (N, H, W, C) with int64 `labels`; return one record per epoch.
 
     The batch loss is the mean over the batch of `weights[idx] * loss_fn(...)` (weights default to 1). With `perturb`,
     each augmented batch is replaced by `perturb(model, batch, labels)` before the step (adversarial training). With
     `frozen_norm`, batch norm stays in eval mode: it normalizes with its running statistics and leaves them as they
     are, so the step acts on the function the model computes at inference (ABL's unlearning on a few samples).
+
+    With `checkpoint` (a file) and `p.checkpoint_every` > 0, the training saves its state there every
+    `checkpoint_every` epochs and after the last, and resumes from a checkpoint of this same training found there
+    at the start (components/checkpoint.py): a resumed training ends with the weights of an uninterrupted one.
     """
     device = device or default_device()
     if device.type == "cpu":
         use_machine_threads()
+    every = p.checkpoint_every if checkpoint is not None else 0
+    key = checkpoints.training_key(model, images, labels, weights, p, desc=desc, loss_fn=loss_fn, perturb=perturb,
+                                   frozen_norm=frozen_norm) if every else ""
     model = prepare(model, p, device)
     forward = compiled(model, p)
     x_all, y_all = images.to(device), labels.to(device)
@@ -167,8 +205,15 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
     opt = _optimizer(model, p)
     sched = _schedule(opt, p, steps)
     gen = torch.Generator().manual_seed(p.seed)
-    history = []
-    bar = tqdm(range(p.epochs), desc=desc, leave=False, disable=None)
+    generators = _generators(gen, perturb)
+    history, start = [], 0
+    state = checkpoints.load(checkpoint, key, desc) if every else None
+    if state is not None:
+        _restore(state, model, opt, sched, generators)
+        history, start = state["history"], state["epoch"]
+        if state["complete"]:
+            return history
+    bar = tqdm(range(start, p.epochs), desc=desc, leave=False, disable=None, initial=start, total=p.epochs)
     for epoch in bar:
         model.train()
         if frozen_norm:
@@ -204,6 +249,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
         if on_epoch is not None:
             on_epoch(epoch, model, record)
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == p.epochs):
+            checkpoints.save(_state(model, opt, sched, generators, history, p.epochs, key), checkpoint)
     return history
 
 

@@ -67,7 +67,7 @@ def stage_dataset(defense: str, stage: str, delivered: bool, upstream: list, out
     given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
                  train=train, final=final, section=section)
     slots = [in0, in1, in2, in3, in4, in5, in6, in7, in8, in9, in10, in11, in12, in13, in14, in15]
-    run_task(defense, stage, delivered, given, upstream, slots, out.path)
+    run_task(defense, stage, delivered, given, upstream, slots, out.path, out.uri)
 
 
 @component
@@ -86,7 +86,7 @@ def stage_model(defense: str, stage: str, delivered: bool, upstream: list, out: 
     given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
                  train=train, final=final, section=section)
     slots = [in0, in1, in2, in3, in4, in5, in6, in7, in8, in9, in10, in11, in12, in13, in14, in15]
-    run_task(defense, stage, delivered, given, upstream, slots, out.path)
+    run_task(defense, stage, delivered, given, upstream, slots, out.path, out.uri)
 
 
 @component

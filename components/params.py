@@ -33,6 +33,7 @@ class TrainParams(Strict):
     channels_last: bool = True
     compile: bool = False  # torch.compile the model, once per architecture (engine.compiled); for GPU runs
     seed: int = 0
+    checkpoint_every: int = Field(1, ge=0)  # epochs between a stage's checkpoints (components/checkpoint.py); 0: none
 
 
 class AttackParams(Strict):

@@ -16,11 +16,12 @@ the store's own retries (an UnpoisonError caused by such an error: the CLI repor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 
-from components import artifacts, store, tracking
+from components import artifacts, checkpoint, store, tracking
 from components.config import validate
 from components.defenses import get
 from components.defenses.base import run_stage
@@ -67,16 +68,41 @@ def guarded(stage: str, outs: list, inputs, run) -> dict | None:
     return None
 
 
+CHECKPOINTS = "unpoison/checkpoints"  # key prefix of the mirrored checkpoints, in the bucket of the pipeline root
+
+
+def checkpoint_prefix(out_uri: str | None, task: dict) -> str | None:
+    """Where a KFP task mirrors its training checkpoints (components/checkpoint.py): s3://<bucket of its output
+    URI>/unpoison/checkpoints/<sha256 of `task`>, or None when the output URI is not on S3 (kfp.local's folders,
+    which outlive the process anyway).
+
+    Not under the output URI: the launcher uploads the output folder only when the task succeeds, and whatever sits
+    under an artifact's URI is downloaded with it by the tasks that read it. Keyed by `task` (defense, stage, the
+    task's parameters and the URIs of its inputs: what KFP's cache key holds), not by the output URI: a retried
+    attempt keeps its output URI (Argo retries the executor pod, the driver that chose the URI runs once), but a
+    run submitted again after a pod that KFP did not retry gets new output URIs, while its upstream stages, served
+    from the cache, keep theirs: so a resubmitted run resumes the interrupted stage too."""
+    scheme, _, rest = (out_uri or "").partition("://")
+    if scheme not in ("s3", "minio") or not rest.split("/", 1)[0]:  # KFP's default pipeline root: minio://mlpipeline/
+        return None
+    digest = hashlib.sha256(json.dumps(task, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return f"s3://{rest.split('/', 1)[0]}/{CHECKPOINTS}/{digest}"
+
+
 def run_task(defense: str, stage: str, delivered: bool, given: dict, upstream: list[str], slots: list,
-             out: str) -> dict | None:
-    """A declared stage of a KFP task (`guarded`): its record, or None when it stopped on a user error."""
+             out: str, out_uri: str | None = None) -> dict | None:
+    """A declared stage of a KFP task (`guarded`): its record, or None when it stopped on a user error. With the
+    output's `out_uri`, its trainings' checkpoints are mirrored to the object store (`checkpoint_prefix`)."""
     dirs = {name: Path(a.path) for name, a in zip(upstream, slots) if a is not None}
+    task = {"defense": defense, "stage": stage, "delivered": delivered, "given": given,
+            "inputs": {name: a.uri for name, a in zip(upstream, slots) if a is not None}}
 
     def run():
         d = get(defense)
         st = d.stage(stage, delivered)
         cfg = config_from(defense, given, (*st.reads, *(("data",) if st.monitor else ())))
-        return run_stage(st, cfg, Path(out), dirs, d.plan(delivered)[0].name)
+        with checkpoint.mirrored(checkpoint_prefix(out_uri, task)):
+            return run_stage(st, cfg, Path(out), dirs, d.plan(delivered)[0].name)
 
     return guarded(stage, [out], dirs.values(), run)
 

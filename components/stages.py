@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from components import artifacts, engine, metrics
+from components import artifacts, checkpoint, engine, metrics
 from components.artifacts import SAMPLE_SCHEMA, SCORE_SCHEMA, SOURCES_SCHEMA, SPLIT_SCHEMA
 from components.attacks import attack_from_spec, build_attack
 from components.data import ImageSet, has_test_split, load_ground_truth, load_images, save_npz
@@ -64,7 +64,8 @@ def write_split(clean: np.ndarray, path: Path, relabel: np.ndarray | None = None
 def recorded(stage: str, fn, out, *args, **kwargs) -> dict:
     """Run stage function `fn` into folder `out`, then write and return out/stage.json: the stage's result, its wall
     time and a unique execution id (so that a result served from a cache can be traced to the execution that made
-    it)."""
+    it). Then remove the checkpoints of its trainings (out/checkpoints/, components/checkpoint.py): the outputs are
+    complete. (A stage resumed from checkpoints records the wall time of its last attempt only.)"""
     out = Path(out)
     t0 = time.perf_counter()
     result = fn(*args, out=out, **kwargs)
@@ -72,6 +73,7 @@ def recorded(stage: str, fn, out, *args, **kwargs) -> dict:
     record = {"stage": stage, "result": result, "seconds": seconds, "execution_id": uuid.uuid4().hex,
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     artifacts.write_json(record, out / "stage.json")
+    checkpoint.discard(out)
     return record
 
 
@@ -153,11 +155,12 @@ class Monitor:
 def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, split: Path | None = None,
           init: Path | None = None, relabel: bool = False, weighted: bool = False, monitor: Monitor | None = None,
           desc: str = "train", perturb: Perturb | None = None, loss_fn: LossFn = engine.cross_entropy,
-          meta: dict | None = None) -> dict:
+          meta: dict | None = None, checkpoints: Path | None = None) -> dict:
     """Train a model on the data set, or on its `clean` pool when `split` is given (with the split's relabels when
     `relabel`; on every sample, each weighted by the split's `weight` column, when `weighted`), from scratch or from
     the model in `init`; with `perturb`, on perturbed batches (adversarial training); `loss_fn` is the per-sample
-    loss; `meta` joins model.json. Writes out/model.safetensors, model.json, history.json."""
+    loss; `meta` joins model.json. Writes out/model.safetensors, model.json, history.json. The training checkpoints
+    to `checkpoints` (the stage's output folder; default `out`)/checkpoints/<desc>.pt and resumes from there."""
     ds = load_dataset(dataset)
     x, y = tensors(ds)
     weights = None
@@ -186,7 +189,7 @@ def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, spl
     else:
         model = build_model(model_name, ds.num_classes)
     history = engine.train(model, x, y, params, loss_fn=loss_fn, weights=weights, perturb=perturb, on_epoch=monitor,
-                           desc=desc)
+                           desc=desc, checkpoint=checkpoint.path(checkpoints or out, desc))
     out = Path(out)
     artifacts.write_json(history, out / "history.json")
     init_ref = model_ref(init) if init is not None else None

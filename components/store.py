@@ -230,6 +230,11 @@ class Store:
         bucket, key = self._object(uri)
         return self._call(uri, self.client.stat_object, bucket, key, missing_ok=True) is not None
 
+    def remove(self, uri: str) -> None:
+        """Delete the object at `uri` (nothing happens when there is none)."""
+        bucket, key = self._object(uri)
+        self._call(uri, self.client.remove_object, bucket, key, missing_ok=True)
+
     def list(self, uri_prefix: str) -> list[str]:
         """URIs of the objects under `uri_prefix` (read as a folder), in key order."""
         bucket, prefix = parse_uri(uri_prefix)

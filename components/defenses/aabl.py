@@ -88,13 +88,15 @@ def partition(adv_sce: np.ndarray, params: AablParams) -> tuple[np.ndarray, floa
 
 
 def pgd(params: AablParams, seed: int) -> Perturb:
-    """Stage 3's inner maximization (Eq. 1): PGD with a random start inside the eps ball."""
+    """Stage 3's inner maximization (Eq. 1): PGD with a random start inside the eps ball. Its random starts come from
+    its `generator`, which the engine's checkpoints save and restore."""
     gen = torch.Generator().manual_seed(seed)
 
     def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return scores.ifgsm(model, x, y, eps=params.adv_eps, step=params.adv_step, steps=params.adv_steps,
                             random_start=True, gen=gen)
 
+    perturb.generator = gen
     return perturb
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from components import artifacts, engine, scores, splits, stages
+from components import artifacts, checkpoint, engine, scores, splits, stages
 from components.artifacts import SCORE_SCHEMA, SPLIT_SCHEMA
 from components.defenses.base import DATA, Defense, Evaluation, Stage
 from components.params import Strict, TrainParams, check_overrides, final_params
@@ -143,7 +143,8 @@ def unlearn_stage(dataset: Path, split: Path, model: Path, out: Path, *, params:
     isolated = torch.from_numpy(artifacts.read_table(split, SPLIT_SCHEMA)["pool"] == "suspect")
     net, meta = artifacts.load_model(model)
     torch.manual_seed(params.seed)
-    history = unlearn(net, x[isolated], y[isolated], params, on_epoch=monitor)
+    history = unlearn(net, x[isolated], y[isolated], params, on_epoch=monitor,
+                      checkpoint=checkpoint.path(out, "unlearn"))
     out = Path(out)
     artifacts.write_json(history, out / "history.json")
     artifacts.save_model(net, {**meta, "unlearned": {"samples": int(isolated.sum()), **params.model_dump()},

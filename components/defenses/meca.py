@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from components import artifacts, engine, scores, splits, stages
+from components import artifacts, checkpoint, engine, scores, splits, stages
 from components.artifacts import ROUNDS_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
 from components.defenses.base import DATA, Defense, Evaluation, Stage
 from components.params import Strict, TrainParams, final_params
@@ -66,16 +66,21 @@ def _phase(params: MecaParams, base: TrainParams, *, epochs: int, lr: float) -> 
     return base.model_copy(update={"epochs": epochs, "lr": lr, "schedule": "constant", "weight_decay": 0.0})
 
 
-def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: MecaParams, base: TrainParams, desc="unlearn"):
-    """Eq. 11: theta = arg max sum_{D_c} l(f(x), y), bounded per sample by the ceiling."""
+def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: MecaParams, base: TrainParams, desc="unlearn",
+            checkpoints: Path | None = None):
+    """Eq. 11: theta = arg max sum_{D_c} l(f(x), y), bounded per sample by the ceiling. With `checkpoints` (the
+    stage's output folder), checkpointed to its checkpoints/<desc>.pt."""
     p = _phase(params, base, epochs=params.unlearn_epochs, lr=params.unlearn_lr)
-    return engine.train(model, x, y, p, loss_fn=engine.bounded_ascent(params.unlearn_ceiling), desc=desc)
+    return engine.train(model, x, y, p, loss_fn=engine.bounded_ascent(params.unlearn_ceiling), desc=desc,
+                        checkpoint=checkpoint.path(checkpoints, desc) if checkpoints is not None else None)
 
 
-def learn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: MecaParams, base: TrainParams, desc="learn"):
-    """Algorithm 2, line 3: theta = arg min sum_{D_u_hat} l(f(x), y)."""
+def learn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: MecaParams, base: TrainParams, desc="learn",
+          checkpoints: Path | None = None):
+    """Algorithm 2, line 3: theta = arg min sum_{D_u_hat} l(f(x), y). `checkpoints` as for `unlearn`."""
     p = _phase(params, base, epochs=params.learn_epochs, lr=params.learn_lr)
-    return engine.train(model, x, y, p, desc=desc)
+    return engine.train(model, x, y, p, desc=desc,
+                        checkpoint=checkpoint.path(checkpoints, desc) if checkpoints is not None else None)
 
 
 def fitted(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -97,23 +102,28 @@ def observe(fit: np.ndarray, kept: np.ndarray, kl: np.ndarray | None, labels: np
 
 
 def enhance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kept0: np.ndarray, params: MecaParams,
-            base: TrainParams, seed: int, on_round: Callable[[dict], None] | None = None) -> list[dict]:
+            base: TrainParams, seed: int, on_round: Callable[[dict], None] | None = None,
+            checkpoints: Path | None = None) -> list[dict]:
     """Algorithm 2, lines 2-10, starting after round 0's partition (`kept0`, from the warm-up model's KL).
 
     Returns one record per round with what a defender can observe (no ground truth): the round's kept mask, KL
-    scores, which samples the model fits after the round and the shares of `observe`.
+    scores, which samples the model fits after the round and the shares of `observe`. With `checkpoints` (the
+    stage's output folder), every learning and unlearning step checkpoints to a file of its own there: rerun after
+    an interruption, the steps that finished return their recorded weights at once, the scores between them are
+    computed again (seeded: the same), and the interrupted step resumes at its last checkpoint.
     """
     rounds = []
     kept, kl = kept0, None
     for e in range(params.rounds):
         if e > 0 or params.round0_learn:
-            learn(model, x[torch.from_numpy(kept)], y[torch.from_numpy(kept)], params, base, desc=f"learn r{e}")
+            learn(model, x[torch.from_numpy(kept)], y[torch.from_numpy(kept)], params, base, desc=f"learn r{e}",
+                  checkpoints=checkpoints)
         if e > 0:
             kl = scores.meca_kl(model, x, y, eps=params.eps, patch=params.patch, seed=seed + e,
                                 batch_size=params.score_batch)
             kept = partition(kl, e, params.gamma)
         forget = torch.from_numpy(~kept)
-        unlearn(model, x[forget], y[forget], params, base, desc=f"unlearn r{e}")
+        unlearn(model, x[forget], y[forget], params, base, desc=f"unlearn r{e}", checkpoints=checkpoints)
         fit = fitted(model, x, y)
         record = {"round": e, "keep_share": keep_share(e, params.gamma), "kept": kept.copy(), "kl": kl,
                   "fitted": fit, **observe(fit, kept, kl, y.numpy())}
@@ -170,7 +180,7 @@ def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params:
     kept0 = artifacts.read_table(split, SPLIT_SCHEMA)["pool"] == "suspect"
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    rounds = enhance(net, x, y, kept0, params, base, seed=seed)
+    rounds = enhance(net, x, y, kept0, params, base, seed=seed, checkpoints=Path(out))
     seconds = time.perf_counter() - t0
     n = len(ds)
     cols = {"sample_id": np.tile(np.arange(n), len(rounds)),
@@ -215,7 +225,7 @@ def relabel_finetune(dataset: Path, split: Path, model: Path, out: Path, *, para
     out = Path(out)
     stages.write_split(~suspect, out / "split.parquet", relabels)
     result = stages.train(dataset, out / "model", params=params, model_name="from init", split=out / "split.parquet",
-                          init=model, relabel=True, monitor=monitor, desc="fine-tune")
+                          init=model, relabel=True, monitor=monitor, desc="fine-tune", checkpoints=out)
     return {**result, "relabelled": int(suspect.sum()),
             "relabel_changed": int((suspect & (predicted != ds.labels)).sum())}
 
