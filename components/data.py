@@ -115,6 +115,34 @@ def sample_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "cifar10-sample"
 
 
+def source_fingerprint(source: str | os.PathLike) -> str:
+    """A hash of what `source` holds, computed without decoding an image, for the KFP cache key of the stage that
+    reads it: two sources with the same fingerprint hold the same bytes under the same names.
+
+    A local file: the sha256 of its bytes; a local folder (or the shipped sample): sha256 over the relative path and
+    sha256 of every file under it (hidden names skipped); ``s3://``: one listing of the objects' keys, ETags and
+    sizes (`Store.fingerprint`, reads ``S3_ENDPOINT`` and the ``AWS_*`` credentials). Not the decoded `content_hash`:
+    a re-encoded file with the same pixels gets a new fingerprint (a needless cache miss, never a stale hit).
+    """
+    from components.store import sha256_file
+
+    if str(source).startswith("s3://"):
+        from components.store import Store
+
+        return Store.from_env().fingerprint(str(source))
+    path = sample_dir() if str(source) == SAMPLE else Path(source).expanduser()
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise UnpoisonError(f"data path '{source}' does not exist; {_MISSING_FIX}")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if not any(part.startswith(".") for part in rel.split("/")):
+            h.update(f"{rel}\t{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def load_images(source: str | os.PathLike, split: str = "train", size: int | None = None) -> ImageSet:
     """Load one split of a data set; see the module docstring for the sources understood.
 

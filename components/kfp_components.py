@@ -12,6 +12,11 @@ does not fail its task, so that KFP does not retry it; the run fails in `track` 
 Components are lightweight Python components on the stage image, with the package preinstalled
 (`install_kfp_package=False`) and every import inside the function body, so the same component runs in a pod and
 under `kfp.local.SubprocessRunner(use_venv=False)`. Artifacts are folders.
+
+The data-reading component (`poison`, `ingest`) takes `data_hash`, the fingerprint of what `data` holds
+(`components.data.source_fingerprint`, computed where the run is submitted), unused by the stage: as an input it is
+part of the task's cache key, so changed data under the same path or prefix is read again, and every stage after it
+gets a new input artifact. The image is `STAGE_IMAGE` unless the pipeline builder sets another on every task.
 """
 
 import os
@@ -28,7 +33,8 @@ def component(fn):
 
 
 @component
-def poison(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset]):
+def poison(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset],
+           data_hash: str = ""):
     """Poison injection: the poisoned set (dataset.npz, attack.json, sources) and, apart, the ground-truth table."""
     from components import stages
     from components.params import AttackParams
@@ -40,7 +46,8 @@ def poison(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], 
 
 
 @component
-def ingest(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset]):
+def ingest(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset],
+           data_hash: str = ""):
     """The data set as delivered: nothing injected; ground truth apart, when the source carries it."""
     from components import stages
     from components.params import AttackParams

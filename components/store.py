@@ -240,6 +240,30 @@ class Store:
         bucket, prefix = parse_uri(uri_prefix)
         return [f"s3://{bucket}/{k}" for k in self._keys(bucket, _folder(prefix), uri_prefix)]
 
+    def fingerprint(self, uri: str) -> str:
+        """sha256 over the key (relative to `uri`), ETag and size of the object at `uri`, or of every object under
+        it (read as a folder, as `fetch` reads it): one listing, no download. It changes when any object's content
+        does (an ETag is the store's hash of the content as uploaded)."""
+        bucket, key = parse_uri(uri)
+        if key and not key.endswith("/"):
+            stat = self._call(uri, self.client.stat_object, bucket, key, missing_ok=True)
+            if stat is not None:
+                return hashlib.sha256(f"{stat.etag}\t{stat.size}".encode()).hexdigest()
+        prefix = _folder(key)
+
+        def listing():
+            return [(o.object_name, o.etag, o.size) for o in self.client.list_objects(bucket, prefix, recursive=True)]
+
+        objects = sorted(o for o in (self._call(uri, listing, missing_ok=True) or [])
+                         if not o[0].endswith("/") and not TMP_KEY.search(o[0]))
+        if not objects:
+            raise UnpoisonError(f"no objects under {uri}; check the URI, or upload a folder there with "
+                                f"`unpoison data push <folder> {uri}`")
+        h = hashlib.sha256()
+        for name, etag, size in objects:
+            h.update(f"{name[len(prefix):]}\t{etag}\t{size}\n".encode())
+        return h.hexdigest()
+
     def ensure_bucket(self, bucket: str) -> None:
         """Create `bucket` unless it exists."""
         if bucket in self._buckets:

@@ -30,7 +30,8 @@ def cmd_run(args) -> None:
 
         local.validate(args.defense, cfg)
         run_dir, log = kp.run_local(kp.build(args.defense, delivered=cfg.attack.name == "none"),
-                                    kp.arguments(cfg, args.defense), args.out / "kfp-local", mlflow_uri=uri)
+                                    kp.arguments(cfg, args.defense), args.out / "kfp-local", mlflow_uri=uri,
+                                    cache=not args.no_cache)
         print(f"executed: {', '.join(log.executed) or 'nothing'}; from cache: {', '.join(log.cached) or 'nothing'}")
     else:
         run_dir = local.run(args.defense, cfg, args.out, mlflow_uri=uri, name=args.name)
@@ -60,14 +61,21 @@ def cmd_submit(args) -> None:
     from pipelines.local import validate
 
     get(args.defense)  # an unknown defense fails before anything else
+    image = kp.stage_image(args.image, args.allow_tag)  # a mutable tag fails before anything is read or sent
     cfg = _config(args)
     if args.validate_data:
         validate(args.defense, cfg)
+    pipeline = kp.build(args.defense, delivered=cfg.attack.name == "none", image=image)
+    try:
+        arguments = kp.arguments(cfg, args.defense, data_hash=args.data_hash)
+    except UnpoisonError as e:  # the data's fingerprint (the cache key of the data task) is computed here
+        raise UnpoisonError(f"cannot fingerprint --data {cfg.data} from this machine for the cache key ({e}); or "
+                            f"pass --data-hash with a string that changes when the data does") from None
     try:
         client = kfp.Client(host=args.host)
-        run = client.create_run_from_pipeline_func(kp.build(args.defense, delivered=cfg.attack.name == "none"),
-                                                   arguments=kp.arguments(cfg, args.defense),
-                                                   experiment_name=args.experiment, enable_caching=True,
+        # caching: None keeps each task's compiled option (on; off for `track`), --no-cache turns it off for all
+        run = client.create_run_from_pipeline_func(pipeline, arguments=arguments, experiment_name=args.experiment,
+                                                   enable_caching=False if args.no_cache else None,
                                                    run_name=args.name, service_account=args.service_account)
     except Exception as e:  # kfp raises urllib3 / kfp_server_api errors of many kinds
         raise UnpoisonError(f"the KFP API at {args.host} did not accept the run ({type(e).__name__}: "
@@ -138,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=["local", "kfp-local"], default="local",
                    help="local: stage functions in this process; kfp-local: the KFP pipeline under kfp.local "
                         "(SubprocessRunner, caching on; outputs under <out>/kfp-local)")
+    r.add_argument("--no-cache", action="store_true",
+                   help="with --engine kfp-local: execute every task, serving nothing from KFP's cache")
     common(r)
     r.set_defaults(func=cmd_run)
 
@@ -157,6 +167,11 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--validate-data", action="store_true", help="also load --data here before submitting")
     sb.add_argument("--service-account", help="Kubernetes service account of the pipeline pods "
                                               "(the manifests create unpoison-pipeline)")
+    image_args(sb)
+    sb.add_argument("--data-hash", help="fingerprint of --data for the cache key, when this machine cannot read "
+                                        "--data (default: computed here, from the files' bytes or the S3 objects' "
+                                        "ETags, without decoding an image)")
+    sb.add_argument("--no-cache", action="store_true", help="execute every task, serving nothing from KFP's cache")
     common(sb)
     sb.set_defaults(func=cmd_submit)
 
@@ -173,6 +188,9 @@ def parser() -> argparse.ArgumentParser:
     rr.add_argument("--host", help="KFP API endpoint: submit the rerun there (inputs imported from the recorded "
                                    "artifact URIs)")
     rr.add_argument("--experiment", default="unpoison")
+    image_args(rr, " (with --host)")
+    rr.add_argument("--no-cache", action="store_true", help="execute every task of the rerun (kfp-local or --host), "
+                                                            "serving nothing from KFP's cache")
     rr.add_argument("--out", type=Path, default=DEFAULT_OUT)
     rr.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     rr.set_defaults(func=cmd_rerun)
@@ -204,6 +222,14 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("uri", help="s3://bucket/prefix")
     push.set_defaults(func=cmd_data_push)
     return p
+
+
+def image_args(sp, when: str = "") -> None:
+    sp.add_argument("--image", help=f"stage image of every task{when}, pinned by digest: REPO@sha256:<digest> "
+                                    "(default: $UNPOISON_STAGE_IMAGE, else the compiled templates' tag)")
+    sp.add_argument("--allow-tag", action="store_true", help=f"accept a stage image given by tag{when}: KFP's cache "
+                                                             "then sees the tag, so a rebuilt image under the same "
+                                                             "tag is served the old image's results")
 
 
 def untangle(argv: list[str]) -> list[str]:

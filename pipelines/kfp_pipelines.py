@@ -12,6 +12,12 @@ timeout (what Argo counts as a failure: README, Kubernetes section). A user erro
 configuration or data) does not fail its task, since KFP would retry it too: KFP 2.17's retry policy has no
 exit-code filter. The task records the error, the tasks after it pass it on without running, and `track` (never
 retried) fails the run with the message and exit code 3 (components/runner.py, `guarded`).
+
+Cache keys: KFP keys a task on its container (image, command, arguments) and its inputs. So that they see what
+changed, a submitted pipeline runs its stage image by digest (`stage_image`; `build(image=...)` sets it on every
+task, the compiled templates keep `STAGE_IMAGE`), and every pipeline takes `data_hash`, the fingerprint of what
+`data` holds (`arguments`, from `components.data.source_fingerprint`), bound to the data-reading task; every other
+task reads that task's output artifacts, so changed data under the same path reruns the whole pipeline.
 """
 
 
@@ -28,6 +34,7 @@ from kfp.dsl import Dataset, Model
 
 from components import kfp_components as c
 from components.config import RunConfig
+from components.errors import UnpoisonError
 from components.defenses import REGISTRY, get
 from components.defenses.base import DATA, Defense
 
@@ -53,7 +60,25 @@ def without_none(tree):
     return tree
 
 
-DEFAULTS = {**without_none(RunConfig().model_dump()), "train_limit": 10000}  # the CPU protocol's, as in cpu.yaml
+DATA_HASH = "data_hash"  # the pipeline parameter holding the data's fingerprint, bound to the data-reading task
+DEFAULTS = {**without_none(RunConfig().model_dump()), "train_limit": 10000,  # the CPU protocol's, as in cpu.yaml
+            DATA_HASH: ""}
+DIGEST = re.compile(r"^[^\s@]+@sha256:[0-9a-f]{64}$")  # REPO@sha256:<64 hex>
+
+
+def stage_image(image: str | None, allow_tag: bool = False) -> str:
+    """The stage image a submitted pipeline runs: `image` (default `STAGE_IMAGE`), which must name a digest, since
+    KFP's cache key sees the image reference, not its content: under a tag, a rebuilt image is served the results
+    of the old one. A tag is taken only with `allow_tag`. No registry is asked (resolving a tag needs one)."""
+    image = image or c.STAGE_IMAGE
+    if not DIGEST.match(image) and not allow_tag:
+        repo = image.split("@")[0].rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image.split("@")[0]
+        raise UnpoisonError(
+            f"stage image '{image}' is not pinned by digest: KFP's cache key sees the tag, not the image, so after a "
+            f"rebuild under the same tag the cached results of the old image are served; pass --image "
+            f"{repo}@sha256:<digest> (`docker buildx imagetools inspect {image}` or `crane digest {image}` prints "
+            f"it), or --allow-tag to submit the tag as it is")
+    return image
 
 
 def with_secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -108,8 +133,9 @@ def _named(comp, name: str, description: str):
 
 
 def parameters(d: Defense) -> list[str]:
-    """A defense's pipeline parameters: the shared configuration keys and its own section, never another's."""
-    return [*CONFIG_KEYS, *([d.section] if d.section else [])]
+    """A defense's pipeline parameters: the shared configuration keys and its own section, never another's, and the
+    data's fingerprint."""
+    return [*CONFIG_KEYS, *([d.section] if d.section else []), DATA_HASH]
 
 
 def _config_args(d: Defense, p: dict, keys) -> dict:
@@ -125,15 +151,17 @@ def _slots(outputs: dict, names) -> dict:
 
 
 def build(defense: str, *, delivered: bool = False, execute: list[str] | None = None,
-          imported: dict[str, str] | None = None):
+          imported: dict[str, str] | None = None, image: str | None = None):
     """The defense's KFP pipeline, built from its declaration. For a rerun, `execute` names the stages that run and
     `imported` maps every other stage the run needs (and `truth`) to the artifact URI an earlier run recorded; they
     come in through dsl.importer, so nothing upstream executes. A full pipeline returns the evaluation metrics, a
-    rerun the output of the last stage it executes."""
+    rerun the output of the last stage it executes. `image` replaces the components' `STAGE_IMAGE` on every task
+    (`stage_image` checks it)."""
     d = get(defense)
     plan = d.plan(delivered)
     data_name = plan[0].name
     names = parameters(d)
+    config_names = [n for n in names if n != DATA_HASH]
     run_all = execute is None
     execute = [s.name for s in plan] if run_all else execute
     kinds = {st.name: (Dataset if st.kind == "dataset" else Model) for st in plan}
@@ -141,7 +169,7 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
 
     def body(*args):
         p = dict(zip(names, args))
-        outputs = {}
+        outputs, tasks = {}, []
         for name, uri in (imported or {}).items():
             if name not in execute:
                 outputs[name] = dsl.importer(artifact_uri=uri, artifact_class=kinds.get(name, Dataset),
@@ -152,7 +180,8 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
                 continue
             if st is plan[0]:
                 task = on_cpu(_named(c.ingest if delivered else c.poison, st.name, st.fn.__doc__.split(".")[0])(
-                    data=p["data"], attack=p["attack"], train_limit=p["train_limit"]))
+                    data=p["data"], attack=p["attack"], train_limit=p["train_limit"], data_hash=p[DATA_HASH]))
+                tasks.append(task)
                 outputs[st.name], outputs["truth"] = task.outputs["dataset"], task.outputs["truth"]
                 continue
             keys = (*st.reads, *(["data"] if st.monitor else []))
@@ -161,20 +190,24 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
                 upstream.insert(1, "truth")
                 task = on_gpu(c.evaluate(defense=defense, delivered=delivered, **_config_args(d, p, keys),
                                          **_slots(outputs, upstream)))
+                tasks.append(task)
                 outputs[st.name] = last = task.outputs["metrics"]
                 continue
             comp = c.stage_model if st.kind == "model" else c.stage_dataset
             task = _named(comp, st.name, (st.fn.__doc__ or st.name).split(".")[0])(
                 defense=defense, stage=st.name, delivered=delivered, **_config_args(d, p, keys),
                 **_slots(outputs, upstream))
-            (on_gpu if st.gpu else on_cpu)(task)
+            tasks.append((on_gpu if st.gpu else on_cpu)(task))
             outputs[st.name] = last = task.outputs["out"]
         tracked = [s.name for s in plan if s.name in outputs] + ["truth"]
         track = c.track(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, defense=defense, delivered=delivered,
-                        **_config_args(d, p, names), **_slots(outputs, tracked))
+                        **_config_args(d, p, config_names), **_slots(outputs, tracked))
         # bookkeeping: runs every time; no retry, since it fails a run whose stage stopped on a user error
         with_secrets(track).set_caching_options(enable_caching=False)
         track.set_cpu_request("1").set_memory_request("2Gi")
+        if image:
+            for task in (*tasks, track):
+                task.set_container_image(image)
         return last
 
     last_stage = [s for s in plan if s.name in execute][-1]
@@ -192,14 +225,18 @@ def pipeline_name(defense: str, delivered: bool) -> str:
     return f"{defense}-delivered" if delivered else defense
 
 
-def arguments(cfg: RunConfig, defense: str) -> dict:
-    """Pipeline arguments from a validated configuration (the seed goes into the training params, as locally)."""
+def arguments(cfg: RunConfig, defense: str, data_hash: str | None = None) -> dict:
+    """Pipeline arguments from a validated configuration (the seed goes into the training params, as locally).
+    `data_hash` defaults to the fingerprint of `cfg.data`, read here (`components.data.source_fingerprint`)."""
+    from components.data import source_fingerprint
+
     d = get(defense)
     tree = {"data": cfg.data, "protocol": cfg.protocol, "train_limit": cfg.train_limit or 0, "model": cfg.model,
             "seed": cfg.seed, "attack": cfg.attack.model_dump(),
             "train": cfg.train.model_copy(update={"seed": cfg.seed}).model_dump(), "final": cfg.final}
     if d.section:
         tree[d.section] = getattr(cfg, d.section).model_dump()
+    tree[DATA_HASH] = source_fingerprint(cfg.data) if data_hash is None else data_hash
     return without_none(tree)
 
 
@@ -229,15 +266,17 @@ class TaskLog(logging.Handler):
             self.cached.append(m.group(1))
 
 
-def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None = None) -> tuple[Path, TaskLog]:
-    """Run a pipeline under kfp.local.SubprocessRunner(use_venv=False) with caching on (cache in root/.kfp_cache).
+def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None = None,
+              cache: bool = True) -> tuple[Path, TaskLog]:
+    """Run a pipeline under kfp.local.SubprocessRunner(use_venv=False) with caching on (cache in root/.kfp_cache),
+    or off with `cache=False` (every task executes; the cache is left as it is).
     Returns the folder of the pipeline's output artifact and the task log."""
     from kfp import local
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=cache,
                cache_root=str(root / ".kfp_cache"))
     log = TaskLog()
     logger = logging.getLogger()

@@ -84,6 +84,7 @@ def main(args) -> None:
     defense.stage(args.stage, delivered)  # an unknown stage fails here, naming the defense's stages
     execute = defense.downstream(args.stage, delivered) if args.downstream else [args.stage]
     engine = "kfp" if args.host else (args.engine or engine)
+    image = kp.stage_image(args.image, args.allow_tag) if engine == "kfp" else None  # before anything is sent
     name = f"{Path(args.run).name}-rerun-{args.stage}-{datetime.now():%Y%m%d-%H%M%S}"
     if engine == "local":
         missing = [s for s, p in outputs.items() if "://" in p]
@@ -101,16 +102,19 @@ def main(args) -> None:
         data = defense.plan(delivered)[0].name
         if data in imported:
             imported["truth"] = imported[data]
-    pipeline = kp.build(defense.name, delivered=delivered, execute=execute, imported=imported)
-    arguments = kp.arguments(cfg, defense.name)
+    pipeline = kp.build(defense.name, delivered=delivered, execute=execute, imported=imported, image=image)
+    data_stage = defense.plan(delivered)[0].name  # the data's fingerprint only matters when its stage reruns
+    arguments = kp.arguments(cfg, defense.name, data_hash=None if data_stage in execute else "")
     if engine == "kfp":
         import kfp
 
         submitted = kfp.Client(host=args.host).create_run_from_pipeline_func(
-            pipeline, arguments=arguments, experiment_name=args.experiment, enable_caching=True)
+            pipeline, arguments=arguments, experiment_name=args.experiment,
+            enable_caching=False if args.no_cache else None)
         print(f"run id: {submitted.run_id}\nrun: {args.host.rstrip('/')}/#/runs/details/{submitted.run_id}")
         return
-    out_dir, log = kp.run_local(pipeline, arguments, args.out / "kfp-local", mlflow_uri=None if args.no_mlflow else uri)
+    out_dir, log = kp.run_local(pipeline, arguments, args.out / "kfp-local", mlflow_uri=None if args.no_mlflow else uri,
+                                cache=not args.no_cache)
     print(f"executed: {', '.join(log.executed) or 'nothing'}; from cache: {', '.join(log.cached) or 'nothing'}")
     _print_result(out_dir.parent, args.stage, out_dir)
 

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", required=True, help="image tag, e.g. 0.1.0")
     args = parser.parse_args(argv)
     print("\n".join(build_commands(args.registry, args.tag)))
-    print(f"# then compile pipelines against it: export UNPOISON_STAGE_IMAGE={image_ref(args.registry, 'unpoison-stage', args.tag)}")
+    stage = image_ref(args.registry, 'unpoison-stage', args.tag)
+    print(f"# then compile pipelines against it: export UNPOISON_STAGE_IMAGE={stage}")
+    print(f"# and submit by digest (a tag is refused): unpoison submit ... --image {stage.rsplit(':', 1)[0]}@"
+          f"$(docker buildx imagetools inspect {stage} | awk '/^Digest:/ {{print $2}}')")
     return 0
 
 

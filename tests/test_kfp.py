@@ -107,7 +107,7 @@ def test_a_pipeline_takes_its_own_section_and_never_another_defenses():
     meca, _ = _spec("meca")
     aabl, _ = _spec("a-abl")
     none, _ = _spec("none")
-    shared = {"data", "protocol", "train_limit", "model", "seed", "attack", "train", "final"}
+    shared = {"data", "protocol", "train_limit", "model", "seed", "attack", "train", "final", "data_hash"}
     assert set(meca["root"]["inputDefinitions"]["parameters"]) == shared | {"meca"}
     assert set(aabl["root"]["inputDefinitions"]["parameters"]) == shared | {"aabl"}
     assert set(none["root"]["inputDefinitions"]["parameters"]) == shared
@@ -228,7 +228,7 @@ def test_rerun_unknown_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_submit_to_unreachable_host_is_a_clear_error(capsys):
-    code = main(["submit", "meca", "--host", "http://127.0.0.1:9", "--set", "train.epochs=1"])
+    code = main(["submit", "meca", "--host", "http://127.0.0.1:9", "--set", "train.epochs=1", "--image", DIGEST_IMAGE])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("unpoison: error: the KFP API at http://127.0.0.1:9 did not accept the run")
@@ -236,17 +236,160 @@ def test_submit_to_unreachable_host_is_a_clear_error(capsys):
 
 
 def test_submit_rejects_bad_config_before_contacting_kfp(capsys):
-    assert main(["submit", "meca", "--host", "http://127.0.0.1:9", "--set", "attack.rate=2"]) == 2
+    assert main(["submit", "meca", "--host", "http://127.0.0.1:9", "--set", "attack.rate=2",
+                 "--image", DIGEST_IMAGE]) == 2
     assert "attack.rate" in capsys.readouterr().err
 
 
-def test_cli_runs_the_pipeline_under_kfp_local(tmp_path, capsys):
-    code = main(["run", "none", "--engine", "kfp-local", "--no-mlflow", "--out", str(tmp_path),
-                 "--set", "train_limit=300", "train.epochs=1"])
-    assert code == 0
+def test_cli_runs_the_pipeline_under_kfp_local_and_no_cache_executes_every_task(tmp_path, capsys):
+    argv = ["run", "none", "--engine", "kfp-local", "--no-mlflow", "--out", str(tmp_path),
+            "--set", "train_limit=300", "train.epochs=1"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "executed: evaluate, poison, track, train;" in out and "no defense" in out
     assert (tmp_path / "kfp-local" / ".kfp_cache").is_dir()
+    assert main([*argv, "--no-cache"]) == 0  # the same run again: without --no-cache every stage would be cached
+    assert "executed: evaluate, poison, track, train; from cache: nothing" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# cache keys: the image by digest, the data's fingerprint, --no-cache (no server: kfp.Client is a stand-in)
+
+DIGEST_IMAGE = "registry.example/unpoison-stage@sha256:" + "0123456789abcdef" * 4
+
+
+class FakeClient:
+    """Stands in for kfp.Client: records what submit would send, contacts nothing."""
+    submitted = []
+
+    def __init__(self, host):
+        self.host = host
+
+    def create_run_from_pipeline_func(self, pipeline, **kwargs):
+        FakeClient.submitted.append((pipeline, kwargs))
+        return type("Run", (), {"run_id": "fake-run"})()
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    import kfp
+
+    FakeClient.submitted = []
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    return FakeClient
+
+
+def _compiled(pipeline, tmp_path) -> dict:
+    from kfp import compiler
+
+    compiler.Compiler().compile(pipeline, str(tmp_path / "p.yaml"))
+    return next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+
+
+@pytest.mark.parametrize("image", [None, "registry.example/unpoison-stage:0.1.0", "registry.example/stage",
+                                   "registry.example/stage@sha256:abc"])
+def test_submit_refuses_a_mutable_tag_before_contacting_kfp(image, fake_client, monkeypatch, capsys):
+    monkeypatch.setattr(kp.c, "STAGE_IMAGE", "ghcr.io/unpoison/unpoison-stage:0.1.0")  # the default: a tag
+    argv = ["submit", "meca", "--host", "http://127.0.0.1:9", *(["--image", image] if image else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not pinned by digest" in err and "--image " in err and "@sha256:<digest>" in err
+    assert "--allow-tag" in err and len(err.splitlines()) == 1
+    assert fake_client.submitted == []
+
+
+def test_submit_pins_the_digest_on_every_task_and_binds_the_data_hash(fake_client, tmp_path, capsys):
+    from components.data import source_fingerprint
+
+    assert main(["submit", "meca", "--host", "http://127.0.0.1:9", "--image", DIGEST_IMAGE]) == 0
+    assert "run id: fake-run" in capsys.readouterr().out
+    (pipeline, kwargs), = fake_client.submitted
+    spec = _compiled(pipeline, tmp_path)
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {DIGEST_IMAGE}
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["poison"]["inputs"]["parameters"]["data_hash"] == {"componentInputParameter": "data_hash"}
+    assert kwargs["arguments"]["data_hash"] == source_fingerprint("sample") != ""
+    # caching as compiled: every stage cached, `track` never (True would switch it on for track too)
+    assert kwargs["enable_caching"] is None
+    assert tasks["poison"]["cachingOptions"]["enableCache"] is True and not tasks["track"].get("cachingOptions")
+
+
+def test_submit_with_allow_tag_and_no_cache(fake_client, tmp_path):
+    tag = "registry.example/unpoison-stage:dev"
+    assert main(["submit", "none", "--host", "http://127.0.0.1:9", "--image", tag, "--allow-tag", "--no-cache",
+                 "--data-hash", "given", "--attack", "none"]) == 0
+    (pipeline, kwargs), = fake_client.submitted
+    spec = _compiled(pipeline, tmp_path)
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {tag}
+    assert spec["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"]["data_hash"] == {
+        "componentInputParameter": "data_hash"}  # the data-reading task of a delivered set
+    assert kwargs["enable_caching"] is False and kwargs["arguments"]["data_hash"] == "given"
+
+
+def test_checked_in_templates_bind_the_data_hash_to_the_data_task():
+    for name in ("meca", "none-delivered"):
+        pipeline, _ = _spec(name)
+        data_task = "ingest" if name.endswith("-delivered") else "poison"
+        for task_name, task in pipeline["root"]["dag"]["tasks"].items():
+            bound = task["inputs"].get("parameters", {})
+            assert ("data_hash" in bound) == (task_name == data_task), task_name
+
+
+def test_data_fingerprint_sees_changed_content_under_the_same_path(tmp_path):
+    from components.data import source_fingerprint
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.png").write_bytes(b"one")
+    first = source_fingerprint(tmp_path)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x").write_bytes(b"ignored")  # hidden names are not the data
+    assert source_fingerprint(tmp_path) == first
+    (tmp_path / "train" / "a.png").write_bytes(b"two")
+    assert source_fingerprint(tmp_path) != first
+    assert source_fingerprint(tmp_path / "train" / "a.png") != source_fingerprint(tmp_path)
+    assert kp.arguments(load_config("cpu", {"data": str(tmp_path)}), "none")["data_hash"] == source_fingerprint(
+        tmp_path)
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "none", "--engine", "kfp-local", "--no-mlflow"],
+    ["run", "none", "--engine", "kfp-local", "--no-mlflow", "--no-cache"],
+])
+def test_no_cache_reaches_kfp_local(argv, tmp_path, monkeypatch):
+    from kfp import local
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(local, "init", init)
+    monkeypatch.setattr("pipelines.local.validate", lambda *a: None)  # no data read: the flag is what is tested
+    with pytest.raises(Stop):
+        main([*argv, "--out", str(tmp_path)])
+    assert seen["enable_caching"] is ("--no-cache" not in argv)
+
+
+def test_rerun_to_a_cluster_pins_the_image_and_passes_no_cache(fake_client, tmp_path, monkeypatch, capsys):
+    from pipelines import rerun
+
+    cfg = load_config("cpu", {"train.epochs": 1})
+    recorded = {"defense": "meca", "config": cfg.model_dump(mode="json")}
+    outputs = {s: f"s3://bucket/run/{s}" for s in ("poison", "truth", "warmup", "score", "partition", "enhance",
+                                                    "identify", "final_train", "relabel_finetune", "evaluate")}
+    monkeypatch.setattr(rerun, "earlier_run", lambda ref, uri: (recorded, outputs, "kfp"))
+    base = ["rerun", "--run", "r1", "--stage", "final_train", "--host", "http://127.0.0.1:9", "--out", str(tmp_path)]
+    assert main(base) == 2 and "is not pinned by digest" in capsys.readouterr().err
+    assert main([*base, "--image", DIGEST_IMAGE, "--no-cache"]) == 0
+    (pipeline, kwargs), = fake_client.submitted
+    assert kwargs["enable_caching"] is False and kwargs["arguments"]["data_hash"] == ""  # poison is imported
+    spec = _compiled(pipeline, tmp_path)
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
+            if "container" in e} == {DIGEST_IMAGE}
 
 
 def test_aabl_pipeline_runs_under_kfp_local(tmp_path):

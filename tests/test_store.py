@@ -168,6 +168,24 @@ def test_load_images_from_s3_matches_local(store, s3_bucket, tmp_path, monkeypat
     assert cached.stat().st_mtime_ns == before  # the matching cached copy was reused, not downloaded again
 
 
+def test_fingerprint_of_an_object_or_prefix_changes_with_its_content(store, s3_bucket, tmp_path):
+    from components.data import source_fingerprint
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train.parquet").write_bytes(b"one")
+    (tmp_path / "a" / "test.parquet").write_bytes(b"two")
+    prefix = f"s3://{s3_bucket}/set/"
+    store.put_dir(tmp_path / "a", prefix)
+    first = store.fingerprint(prefix)
+    assert store.fingerprint(f"s3://{s3_bucket}/set") == first == source_fingerprint(prefix)  # one listing
+    one = store.fingerprint(f"{prefix}train.parquet")
+    assert one != first
+    store.put_file(tmp_path / "a" / "test.parquet", f"{prefix}train.parquet")  # same key, new content
+    assert store.fingerprint(prefix) != first and store.fingerprint(f"{prefix}train.parquet") != one
+    with pytest.raises(UnpoisonError, match="no objects under"):
+        store.fingerprint(f"s3://{s3_bucket}/nothing/")
+
+
 def test_model_folder_round_trip(store, s3_bucket, tmp_path):
     model = build_model("small_cnn", 10)
     save_model(model, {"architecture": "small_cnn", "classes": list(CIFAR10_CLASSES)}, tmp_path / "model")
