@@ -1,9 +1,11 @@
-"""MeCa's enhancement rounds: what a defender observes per round, and the ground-truth view the report adds."""
+"""MeCa's enhancement rounds: what a defender observes per round, the ground-truth view the report adds, and the
+stopping rule that reads only the former."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from components import artifacts
 from components.artifacts import ROUNDS_SCHEMA
@@ -42,3 +44,47 @@ def test_round_metrics_add_the_ground_truth_view(tmp_path):
     assert r1["poison_fitted"] == 0.5 and r1["fit_unlearned"] == 1 / 4
     assert r1["kl_auroc"] == pytest.approx(0.75)  # low KL = poison-like: poison KL 0, 3 vs clean 1, 2, 4, 5: 6 of 8 pairs
     assert "clean_target_fitted" not in round_metrics(tmp_path / "rounds.parquet", samples)[0]
+
+
+# ---------------------------------------------------------------------------------------------- stopping rule
+
+
+@pytest.mark.parametrize("fits,expected", [
+    ([0.999, 0.005, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 0.02], True),  # one label fitted, the others not
+    ([0.93, 0.05, 0.1, 0.05, 0.04, 0.06, 0.05, 0.02, 0.04, 0.05], True),
+    ([0.86, 0.12, 0.1, 0.15, 0.1, 0.12, 0.1, 0.14, 0.12, 0.11], False),  # the top label below 0.9
+    ([0.99, 0.55, 0.5, 0.6, 0.5, 0.55, 0.5, 0.6, 0.55, 0.5], False),  # the others still fitted: round 0's state
+    ([0.95, float("nan"), 0.0, 0.05], True),  # a label without samples is left out
+    ([1.0], False),
+])
+def test_concentrated_reads_one_label_fitted_and_the_others_not(fits, expected):
+    assert meca.concentrated(fits, 0.9, 0.1) is expected
+
+
+def test_enhance_stops_after_the_first_concentrated_round(monkeypatch):
+    # 4 labels, 100 samples each; the model's fit per round is scripted: round 2 is the first concentrated one
+    y = torch.arange(4).repeat_interleave(100)
+    x = torch.zeros((400, 4, 4, 3), dtype=torch.uint8)
+    by_label = [[1.0, 0.6, 0.6, 0.6], [0.95, 0.2, 0.2, 0.2], [0.95, 0.05, 0.0, 0.05], [1.0, 0.0, 0.0, 0.0],
+                [1.0, 0.0, 0.0, 0.0]]
+    script = iter([np.concatenate([np.arange(100) < 100 * s for s in shares]) for shares in by_label])
+    monkeypatch.setattr(meca, "learn", lambda *a, **k: None)
+    monkeypatch.setattr(meca, "unlearn", lambda *a, **k: None)
+    monkeypatch.setattr(meca, "fitted", lambda model, x, y: next(script))
+    monkeypatch.setattr(meca.scores, "meca_kl", lambda model, x, y, **k: np.linspace(0, 1, len(y)))
+    kept0 = np.ones(400, bool)
+    kept0[:40] = False
+    base = meca.TrainParams()
+    stopped = meca.enhance(None, x, y, kept0, meca.MecaParams(rounds=5, stop="one_label"), base, seed=0)
+    assert [r["round"] for r in stopped] == [0, 1, 2]
+    assert stopped[-1]["fit_by_label"] == [0.95, 0.05, 0.0, 0.05]
+    script = iter([np.concatenate([np.arange(100) < 100 * s for s in shares]) for shares in by_label])
+    assert len(meca.enhance(None, x, y, kept0, meca.MecaParams(rounds=5), base, seed=0)) == 5  # the default: all
+
+
+def test_no_stage_before_evaluation_reads_ground_truth():
+    # the stopping rule runs in the enhance stage: it, and every stage but evaluate, get no ground-truth input
+    for stage in meca.DEFENSE.stages:
+        assert "truth" not in stage.upstream, stage.name
+    enhance = next(s for s in meca.DEFENSE.stages if s.name == "enhance")
+    assert set(enhance.upstream) == {"data", "warmup", "partition"}

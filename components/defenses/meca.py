@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,12 @@ class MecaParams(Strict):
     unlearn_ceiling: float = Field(5.0, gt=0)  # per-sample CE above which ascent stops (safeguard)
     learn_lr: float = Field(0.01, gt=0)
     round0_learn: bool = False  # a learning epoch on round 0's kept part too, after the warm-up (DESIGN.md's reference)
+    # Stopping rule (`one_label`, opt-in until benchmarked; `rounds` runs all of them): stop after the first round in
+    # which the enhanced model fits one label's samples (share >= stop_high) and hardly any other's (mean share of the
+    # other labels <= stop_low); `rounds` is then the most. Reads only what a defender observes (`observe`).
+    stop: Literal["rounds", "one_label"] = "rounds"
+    stop_high: float = Field(0.9, gt=0, le=1)
+    stop_low: float = Field(0.1, ge=0, lt=1)
     score_batch: int = Field(512, ge=1)
     finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
     finetune_lr: float = Field(0.01, gt=0)
@@ -101,6 +108,18 @@ def observe(fit: np.ndarray, kept: np.ndarray, kl: np.ndarray | None, labels: np
     return out
 
 
+def concentrated(fit_by_label: list[float], high: float, low: float) -> bool:
+    """Whether the enhanced model fits one label's samples (share >= `high`) and hardly any other label's (their mean
+    share <= `low`): the state the enhancement aims at, a model that fits the one label all poison carries and
+    nothing else. Labels without samples (NaN) are left out."""
+    f = np.asarray(fit_by_label, dtype=float)
+    f = f[~np.isnan(f)]
+    if len(f) < 2:
+        return False
+    top = int(np.argmax(f))
+    return bool(f[top] >= high and np.delete(f, top).mean() <= low)
+
+
 def enhance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kept0: np.ndarray, params: MecaParams,
             base: TrainParams, seed: int, on_round: Callable[[dict], None] | None = None,
             checkpoints: Path | None = None) -> list[dict]:
@@ -130,6 +149,8 @@ def enhance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kept0: np.ndarra
         rounds.append(record)
         if on_round is not None:
             on_round(record)
+        if params.stop == "one_label" and concentrated(record["fit_by_label"], params.stop_high, params.stop_low):
+            break
     return rounds
 
 
@@ -192,9 +213,9 @@ def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params:
     artifacts.write_table(cols, out / "rounds.parquet", ROUNDS_SCHEMA)
     observed = [{k: v for k, v in r.items() if k not in ("kept", "kl", "fitted")} for r in rounds]
     artifacts.write_json(observed, out / "rounds.json")
-    artifacts.save_model(net, {**meta, "enhanced": params.model_dump(), "epochs": meta["epochs"] + params.rounds},
+    artifacts.save_model(net, {**meta, "enhanced": params.model_dump(), "epochs": meta["epochs"] + len(rounds)},
                          out / "model")
-    return {"samples": n, "samples_per_second": n * params.rounds / seconds,
+    return {"samples": n, "samples_per_second": n * len(rounds) / seconds, "rounds_run": len(rounds),
             **{f"{k}_r{r['round']}": r[k] for r in observed for k in ("fit_share", "fit_kept", "fit_unlearned")}}
 
 
