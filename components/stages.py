@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from components import artifacts, checkpoint, engine, metrics
+from components import artifacts, checkpoint, engine, metrics, scores
 from components.artifacts import SAMPLE_SCHEMA, SCORE_SCHEMA, SOURCES_SCHEMA, SPLIT_SCHEMA
 from components.attacks import attack_from_spec, build_attack
 from components.data import ImageSet, has_test_split, load_ground_truth, load_images, save_npz
@@ -53,6 +53,18 @@ def write_scores(path: Path, columns: dict[str, np.ndarray], model: Path, meta: 
     n = len(next(iter(columns.values())))
     artifacts.write_table({"sample_id": np.arange(n), **columns, "model_ref": [model_ref(model)] * n,
                            "epoch": np.full(n, meta["epochs"])}, path, SCORE_SCHEMA)
+
+
+def loss_scores(dataset: Path, model: Path, out: Path, *, column: str, batch_size: int) -> dict:
+    """Every sample's cross-entropy under `model` (eval mode, no augmentation) as score column `column` of
+    out/scores.parquet: ABL's isolation loss, LfD's teacher loss."""
+    ds = load_dataset(dataset)
+    net, meta = artifacts.load_model(model)
+    t0 = time.perf_counter()
+    loss = scores.sample_loss(net, *tensors(ds), batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    write_scores(Path(out) / "scores.parquet", {column: loss}, model, meta)
+    return {"samples": len(ds), "samples_per_second": len(ds) / seconds}
 
 
 def write_split(clean: np.ndarray, path: Path, relabel: np.ndarray | None = None) -> None:

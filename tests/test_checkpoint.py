@@ -298,8 +298,8 @@ def test_a_kfp_task_mirrors_to_a_prefix_of_its_inputs_in_the_bucket_of_its_outpu
     assert prefix("minio://mlpipeline/v2/artifacts/unpoison-none/run2/train/u9/out") == a
     assert prefix(f"{run1}/train/u2/out", lr=0.2) != a
     assert prefix(f"{run1}/train/u2/out", upstream="minio://mlpipeline/v2/artifacts/x/run2/poison/u3/dataset") != a
-    assert prefix("s3://bucket/root/out").startswith("s3://bucket/")
-    assert prefix("/tmp/kfp-local/out") is None and prefix(None) is None and prefix("gs://b/out") is None
+    assert prefix("s3://bucket/pipelines/out").startswith("s3://bucket/")
+    assert prefix("kfp-local/out") is None and prefix(None) is None and prefix("gs://b/out") is None
 
 
 def test_meca_rounds_checkpoint_one_file_per_training(tmp_path):

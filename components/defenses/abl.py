@@ -23,7 +23,6 @@ lr 0.1 on both protocols) with the preset's epochs, not the official step schedu
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from components import artifacts, checkpoint, engine, scores, splits, stages
+from components import artifacts, checkpoint, engine, splits, stages
 from components.artifacts import SCORE_SCHEMA, SPLIT_SCHEMA
 from components.defenses.base import DATA, Defense, Evaluation, Stage
 from components.params import Strict, TrainParams, check_overrides, final_params
@@ -117,13 +116,7 @@ def isolation_train(dataset: Path, out: Path, *, params: TrainParams, model_name
 
 def score_stage(dataset: Path, model: Path, out: Path, *, params: AblParams) -> dict:
     """Step 2: out/scores.parquet with `isolation_loss`, the isolation model's per-sample CE."""
-    ds = stages.load_dataset(dataset)
-    net, meta = artifacts.load_model(model)
-    t0 = time.perf_counter()
-    loss = scores.sample_loss(net, *stages.tensors(ds), batch_size=params.score_batch)
-    seconds = time.perf_counter() - t0
-    stages.write_scores(Path(out) / "scores.parquet", {"isolation_loss": loss}, model, meta)
-    return {"samples": len(ds), "samples_per_second": len(ds) / seconds}
+    return stages.loss_scores(dataset, model, out, column="isolation_loss", batch_size=params.score_batch)
 
 
 def partition_stage(score_table: Path, out: Path, *, params: AblParams) -> dict:

@@ -20,7 +20,6 @@ every ratio between weights and leaves Adam's training unchanged. The paper name
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from components import artifacts, scores, stages
+from components import artifacts, stages
 from components.artifacts import SCORE_SCHEMA, SPLIT_SCHEMA
 from components.defenses.base import DATA, Defense, Evaluation, Stage
 from components.models import MODELS
@@ -92,13 +91,7 @@ def weighted_ce(scale: float):
 
 def score_stage(dataset: Path, model: Path, out: Path, *, params: LfdParams) -> dict:
     """Step 2: out/scores.parquet with `teacher_loss`, the teacher's per-sample CE."""
-    ds = stages.load_dataset(dataset)
-    net, meta = artifacts.load_model(model)
-    t0 = time.perf_counter()
-    loss = scores.sample_loss(net, *stages.tensors(ds), batch_size=params.score_batch)
-    seconds = time.perf_counter() - t0
-    stages.write_scores(Path(out) / "scores.parquet", {"teacher_loss": loss}, model, meta)
-    return {"samples": len(ds), "samples_per_second": len(ds) / seconds}
+    return stages.loss_scores(dataset, model, out, column="teacher_loss", batch_size=params.score_batch)
 
 
 def partition_stage(score_table: Path, out: Path, *, params: LfdParams) -> dict:
