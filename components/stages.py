@@ -67,10 +67,14 @@ def loss_scores(dataset: Path, model: Path, out: Path, *, column: str, batch_siz
     return {"samples": len(ds), "samples_per_second": len(ds) / seconds}
 
 
-def write_split(clean: np.ndarray, path: Path, relabel: np.ndarray | None = None) -> None:
-    """A split table: `clean` True -> pool clean, False -> suspect; `relabel` -1 where a sample keeps its label."""
-    artifacts.write_table({"sample_id": np.arange(len(clean)), "pool": np.where(clean, "clean", "suspect").tolist(),
-                           "relabel": relabel if relabel is not None else np.full(len(clean), -1)}, path, SPLIT_SCHEMA)
+def write_split(clean: np.ndarray, path: Path, relabel: np.ndarray | None = None,
+                weight: np.ndarray | None = None) -> None:
+    """A split table: `clean` True -> pool clean, False -> suspect; `relabel` -1 where a sample keeps its label;
+    `weight`, if given, each sample's weight when the clean pool trains (column `weight`)."""
+    columns = {"sample_id": np.arange(len(clean)), "pool": np.where(clean, "clean", "suspect").tolist(),
+               "relabel": relabel if relabel is not None else np.full(len(clean), -1)}
+    schema = SPLIT_SCHEMA if weight is None else {**SPLIT_SCHEMA, "weight": pa.float64()}
+    artifacts.write_table({**columns, **({"weight": weight} if weight is not None else {})}, path, schema)
 
 
 def recorded(stage: str, fn, out, *args, **kwargs) -> dict:
@@ -169,7 +173,8 @@ def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, spl
           desc: str = "train", perturb: Perturb | None = None, loss_fn: LossFn = engine.cross_entropy,
           meta: dict | None = None, checkpoints: Path | None = None) -> dict:
     """Train a model on the data set, or on its `clean` pool when `split` is given (with the split's relabels when
-    `relabel`; on every sample, each weighted by the split's `weight` column, when `weighted`), from scratch or from
+    `relabel`, each sample weighted by the split's `weight` column if it has one; on every sample, each weighted by
+    that column, when `weighted`), from scratch or from
     the model in `init`; with `perturb`, on perturbed batches (adversarial training); `loss_fn` is the per-sample
     loss; `meta` joins model.json. Writes out/model.safetensors, model.json, history.json. The training checkpoints
     to `checkpoints` (the stage's output folder; default `out`)/checkpoints/<desc>.pt and resumes from there."""
@@ -192,6 +197,8 @@ def train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, spl
         if not use.any():
             raise UnpoisonError(f"split '{split}' has no sample to train on; check the partition parameters")
         x, y = x[torch.from_numpy(use)], y[torch.from_numpy(use)]
+        if "weight" in table:  # a pool whose samples weigh differently (MeCa's per-label identification)
+            weights = torch.from_numpy(table["weight"][use].astype(np.float32))
     torch.manual_seed(params.seed)
     if init is not None:
         model, init_meta = artifacts.load_model(init)

@@ -79,7 +79,8 @@ def test_enhance_stops_after_the_first_concentrated_round(monkeypatch):
     assert [r["round"] for r in stopped] == [0, 1, 2]
     assert stopped[-1]["fit_by_label"] == [0.95, 0.05, 0.0, 0.05]
     script = iter([np.concatenate([np.arange(100) < 100 * s for s in shares]) for shares in by_label])
-    assert len(meca.enhance(None, x, y, kept0, meca.MecaParams(rounds=5), base, seed=0)) == 5  # the default: all
+    rounds = meca.MecaParams(rounds=5, stop="rounds")
+    assert len(meca.enhance(None, x, y, kept0, rounds, base, seed=0)) == 5
 
 
 def test_no_stage_before_evaluation_reads_ground_truth():
@@ -88,3 +89,52 @@ def test_no_stage_before_evaluation_reads_ground_truth():
         assert "truth" not in stage.upstream, stage.name
     enhance = next(s for s in meca.DEFENSE.stages if s.name == "enhance")
     assert set(enhance.upstream) == {"data", "warmup", "partition"}
+
+
+# ---------------------------------------------------------------------------------------------- identification
+
+
+def _fitted_target(n_other: int = 30):
+    """Label 0: 10 poison (ids 0-9, low KL and loss) and 10 clean (ids 10-19), all fitted; labels 1 and 2: n_other
+    samples each, one of them fitted."""
+    labels = np.concatenate([np.zeros(20, int), np.ones(n_other, int), np.full(n_other, 2)])
+    fit = labels == 0
+    fit[20] = fit[20 + n_other] = True
+    kl = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(1.0, 2.0, 10), np.ones(2 * n_other)])
+    loss = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(0.5, 1.5, 10), np.ones(2 * n_other)])
+    return fit, labels, kl, loss
+
+
+def test_paper_identification_is_line_12():
+    fit, labels, kl, loss = _fitted_target()
+    clean, weight, label = meca.identify(fit, labels, kl, loss, meca.MecaParams(identify="paper"))
+    assert np.array_equal(clean, ~fit) and np.array_equal(weight, (~fit).astype(float)) and label is None
+
+
+def test_per_label_identification_returns_the_least_poison_like_share_of_the_over_fitted_label():
+    fit, labels, kl, loss = _fitted_target()
+    params = meca.MecaParams(label_keep=0.25, balance=False)
+    clean, weight, label = meca.identify(fit, labels, kl, loss, params)
+    assert label == 0
+    assert np.flatnonzero(clean[:20]).tolist() == [15, 16, 17, 18, 19]  # the highest KL and loss of label 0
+    assert np.array_equal(clean[20:], ~fit[20:])  # the other labels: line 12
+    assert np.array_equal(weight, clean.astype(float))
+
+
+def test_balance_weighs_the_returned_share_as_the_median_other_label():
+    fit, labels, kl, loss = _fitted_target()
+    clean, weight, _ = meca.identify(fit, labels, kl, loss, meca.MecaParams(label_keep=0.25))
+    assert weight[15:20].tolist() == [29 / 5] * 5  # labels 1 and 2 keep 29 samples each in the clean pool
+    assert weight[clean & (labels > 0)].tolist() == [1.0] * 58 and not weight[~clean].any()
+
+
+def test_no_over_fitted_label_falls_back_to_line_12():
+    fit, labels, kl, loss = _fitted_target()
+    fit[20:35] = True  # label 1 half fitted: the others' mean share is no longer low
+    clean, _, label = meca.identify(fit, labels, kl, loss, meca.MecaParams())
+    assert label is None and np.array_equal(clean, ~fit)
+
+
+def test_identify_stage_reads_no_ground_truth():
+    identify = next(s for s in meca.DEFENSE.stages if s.name == "identify")
+    assert set(identify.upstream) == {"data", "enhance", "warmup", "score"}

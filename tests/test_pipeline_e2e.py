@@ -62,7 +62,8 @@ def test_score_split_and_round_tables(meca_run):
     assert np.isfinite(kl).all() and (kl >= 0).all()
     for split in ["partition", "identify", "relabel_finetune"]:
         path = run_dir / split / "split.parquet"
-        assert _schema(path) == {"sample_id": "int64", "pool": "string", "relabel": "int64"}
+        weight = {"weight": "double"} if split == "identify" else {}  # each sample's weight in the final training
+        assert _schema(path) == {"sample_id": "int64", "pool": "string", "relabel": "int64", **weight}
         assert set(pq.read_table(path).column("pool").to_pylist()) <= set(artifacts.POOLS)
     # round 0 unlearns the highest-KL gamma share: 10 % of 1500
     pools = np.array(pq.read_table(run_dir / "partition" / "split.parquet").column("pool").to_pylist())
@@ -291,7 +292,8 @@ def test_declared_meca_gives_the_weights_of_the_explicit_stage_sequence(tmp_path
     meca.partition_stage(d / "score" / "scores.parquet", d / "partition", params=p)
     meca.enhance_stage(data, d / "warmup", d / "partition" / "split.parquet", d / "enhance", params=p, base=train,
                        seed=cfg.seed)
-    meca.identify_stage(data, d / "enhance" / "model", d / "identify")
+    meca.identify_stage(data, d / "enhance" / "model", d / "warmup", d / "score" / "scores.parquet", d / "identify",
+                        params=p)
     stages.train(data, d / "final_train", params=cfg.final_params().model_copy(update={"seed": cfg.seed}),
                  model_name=cfg.model, split=d / "identify" / "split.parquet")
     meca.relabel_finetune(data, d / "identify" / "split.parquet", d / "final_train", d / "relabel_finetune",

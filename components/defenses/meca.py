@@ -30,6 +30,7 @@ from torch import nn
 from components import artifacts, checkpoint, engine, scores, splits, stages
 from components.artifacts import ROUNDS_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
 from components.defenses.base import DATA, Defense, Evaluation, Stage
+from components.errors import UnpoisonError
 from components.params import Strict, TrainParams, final_params
 
 
@@ -40,19 +41,25 @@ class MecaParams(Strict):
     eps: float = Field(0.1, gt=0)  # perturbation radius of delta (Eq. 3)
     patch: int = Field(8, ge=1)  # side r of the random square mask m
     gamma: float = Field(0.1, gt=0, lt=1)  # round e keeps p = 1 - (e+1) gamma of D_u for learning (Algorithm 2)
-    rounds: int = Field(3, ge=1)  # E_b: 3, not 5: at 5 rounds Blend's backdoor collapses (DESIGN.md)
-    learn_epochs: int = Field(1, ge=1)  # learning epochs per round on the kept part (after round 0)
+    rounds: int = Field(5, ge=1)  # E_b, the most: the stopping rule (`stop`) ends the rounds earlier
+    learn_epochs: int = Field(1, ge=1)  # learning epochs per round on the kept part
     unlearn_epochs: int = Field(1, ge=1)
-    unlearn_lr: float = Field(0.01, gt=0)
+    unlearn_lr: float = Field(0.005, gt=0)  # DESIGN.md's reference reading: 0.005 with momentum 0.9
     unlearn_ceiling: float = Field(5.0, gt=0)  # per-sample CE above which ascent stops (safeguard)
     learn_lr: float = Field(0.01, gt=0)
-    round0_learn: bool = False  # a learning epoch on round 0's kept part too, after the warm-up (DESIGN.md's reference)
-    # Stopping rule (`one_label`, opt-in until benchmarked; `rounds` runs all of them): stop after the first round in
-    # which the enhanced model fits one label's samples (share >= stop_high) and hardly any other's (mean share of the
-    # other labels <= stop_low); `rounds` is then the most. Reads only what a defender observes (`observe`).
-    stop: Literal["rounds", "one_label"] = "rounds"
+    round0_learn: bool = True  # a learning epoch on round 0's kept part too, after the warm-up (DESIGN.md's reference)
+    # Stopping rule: `one_label` stops after the first round in which the enhanced model fits one label's samples
+    # (share >= stop_high) and hardly any other's (mean share of the other labels <= stop_low), the state the
+    # enhancement aims at; `rounds` runs all of them. Reads only what a defender observes (`observe`).
+    stop: Literal["rounds", "one_label"] = "one_label"
     stop_high: float = Field(0.9, gt=0, le=1)
-    stop_low: float = Field(0.1, ge=0, lt=1)
+    stop_low: float = Field(0.15, ge=0, lt=1)
+    # Identification (`identify`): `paper` is Algorithm 2, line 12; `per_label` (beyond the paper) returns to the clean
+    # pool the `label_keep` share of the over-fitted label that the warm-up model finds least poison-like, weighted
+    # (`balance`) so that the label weighs in the pool as much as the median other label.
+    identify: Literal["paper", "per_label"] = "per_label"
+    label_keep: float = Field(0.2, ge=0, le=1)
+    balance: bool = True
     score_batch: int = Field(512, ge=1)
     finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
     finetune_lr: float = Field(0.01, gt=0)
@@ -159,6 +166,46 @@ def identify_clean(enhanced: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
     return ~fitted(enhanced, x, y)
 
 
+def over_fitted_label(fit: np.ndarray, labels: np.ndarray, params: MecaParams) -> int | None:
+    """The label the enhanced model over-fits (`concentrated` with the stopping rule's thresholds), None if none."""
+    by_label = [float(fit[labels == k].mean()) if (labels == k).any() else float("nan")
+                for k in range(int(labels.max()) + 1)]
+    return int(np.nanargmax(by_label)) if concentrated(by_label, params.stop_high, params.stop_low) else None
+
+
+def within_label_rank(values: np.ndarray) -> np.ndarray:
+    """Ranks scaled to [0, 1] (0 = the lowest)."""
+    return np.argsort(np.argsort(values, kind="stable"), kind="stable") / max(1, len(values) - 1)
+
+
+def identify(fit: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray,
+             params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """The clean pool (True = clean), each sample's weight in the final training and the over-fitted label.
+
+    `paper`: Algorithm 2, line 12, clean = what the enhanced model does not fit, weight 1. `per_label` (beyond the
+    paper): where the enhanced model fits one label's samples and hardly any other's, line 12 throws that whole label
+    away, its clean samples with the poison, and the final model loses the class. Instead the `label_keep` share of
+    the label that the warm-up model finds least poison-like returns to the clean pool: the highest mean within-label
+    rank of the warm-up KL (Eq. 3: poison is robust, low KL) and of the warm-up loss (poison is fitted, low loss).
+    With `balance` those samples weigh so that the label's weight equals the median other label's clean count (never
+    less than 1 each). Other labels, and every label when none is over-fitted, follow line 12."""
+    clean = ~fit
+    label = over_fitted_label(fit, labels, params) if params.identify == "per_label" else None
+    weight = clean.astype(np.float64)
+    if label is None or params.label_keep == 0:
+        return clean, weight, label
+    members = np.flatnonzero(labels == label)
+    poison_unlike = (within_label_rank(kl[members]) + within_label_rank(loss[members])) / 2
+    back = members[poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)]
+    clean[members] = False
+    clean[back] = True
+    weight = clean.astype(np.float64)
+    if params.balance:
+        others = np.bincount(labels[clean], minlength=int(labels.max()) + 1)
+        weight[back] = max(1.0, float(np.median(np.delete(others, label))) / len(back))
+    return clean, weight, label
+
+
 def finetune_params(train: TrainParams, params: MecaParams) -> TrainParams:
     """Section 4.2.4's fine-tuning: the protocol's training with MeCa's fine-tune epochs and a cosine-decayed lr."""
     return train.model_copy(update={"epochs": params.finetune_epochs, "lr": params.finetune_lr, "schedule": "cosine"})
@@ -219,18 +266,30 @@ def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params:
             **{f"{k}_r{r['round']}": r[k] for r in observed for k in ("fit_share", "fit_kept", "fit_unlearned")}}
 
 
-def identify_stage(dataset: Path, model: Path, out: Path) -> dict:
-    """MeCa Algorithm 2, line 12: clean = misclassified by the enhanced model. out/split.parquet and
-    out/scores.parquet (`enhanced_loss`: the enhanced model's cross-entropy; low = fitted = poison-like)."""
+def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, out: Path, *,
+                   params: MecaParams) -> dict:
+    """MeCa identification (`identify`) with the enhanced model, the warm-up model and its KL scores: out/split.parquet
+    (with each sample's `weight` in the final training) and out/scores.parquet (`enhanced_loss`: the enhanced model's
+    cross-entropy; low = fitted = poison-like)."""
     ds = stages.load_dataset(dataset)
     x, y = stages.tensors(ds)
     net, meta = artifacts.load_model(model)
     logits = engine.predict(net, x)
-    clean = (logits.argmax(1) != y).numpy()
+    fit = (logits.argmax(1) == y).numpy()
     loss = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+    warm, _ = artifacts.load_model(warmup)
+    warm_loss = torch.nn.functional.cross_entropy(engine.predict(warm, x), y, reduction="none").numpy()
+    kl = artifacts.read_table(score_table, {**SCORE_SCHEMA, "kl": pa.float64()})["kl"]
+    if len(kl) != len(y):
+        raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
+                            f"rerun the score stage on this data set")
+    clean, weight, label = identify(fit, y.numpy(), kl, warm_loss, params)
     stages.write_scores(Path(out) / "scores.parquet", {"enhanced_loss": loss}, model, meta)
-    stages.write_split(clean, Path(out) / "split.parquet")
-    return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum())}
+    stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
+    returned = int((clean & fit).sum())
+    return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum()),
+            "over_fitted_label": -1 if label is None else label, "returned": returned,
+            "returned_weight": float(weight[clean & fit].max()) if returned else 0.0}
 
 
 def relabel_finetune(dataset: Path, split: Path, model: Path, out: Path, *, params: TrainParams,
@@ -274,7 +333,9 @@ DEFENSE = Defense(
                                          "split": "partition/split.parquet"}, kind="model",
               params=lambda c: {"params": c.meca, "base": _train(c), "seed": c.seed},
               reads=("meca", "train", "seed")),
-        Stage("identify", identify_stage, {"dataset": f"{DATA}/dataset.npz", "model": "enhance/model"}),
+        Stage("identify", identify_stage, {"dataset": f"{DATA}/dataset.npz", "model": "enhance/model",
+                                           "warmup": "warmup", "score_table": "score/scores.parquet"},
+              params=lambda c: {"params": c.meca}, reads=("meca",)),
         Stage("final_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet"},
               kind="model", monitor=True,
               params=lambda c: {"params": final_params(_train(c), c.final), "model_name": c.model,
