@@ -95,10 +95,11 @@ def test_no_stage_before_evaluation_reads_ground_truth():
 
 
 def _fitted_target(n_other: int = 30):
-    """Label 0: 10 poison (ids 0-9, low KL and loss) and 10 clean (ids 10-19), all fitted; labels 1 and 2: n_other
-    samples each, one of them fitted."""
+    """Label 0: 10 poison (ids 0-9, low KL and loss) and 10 clean (ids 10-19), all fitted but id 19; labels 1 and 2:
+    n_other samples each, one of them fitted."""
     labels = np.concatenate([np.zeros(20, int), np.ones(n_other, int), np.full(n_other, 2)])
     fit = labels == 0
+    fit[19] = False
     fit[20] = fit[20 + n_other] = True
     kl = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(1.0, 2.0, 10), np.ones(2 * n_other)])
     loss = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(0.5, 1.5, 10), np.ones(2 * n_other)])
@@ -116,7 +117,8 @@ def test_per_label_identification_returns_the_least_poison_like_share_of_the_ove
     params = meca.MecaParams(label_keep=0.25, balance=False)
     clean, weight, label = meca.identify(fit, labels, kl, loss, params)
     assert label == 0
-    assert np.flatnonzero(clean[:20]).tolist() == [15, 16, 17, 18, 19]  # the highest KL and loss of label 0
+    # label 0's unfitted sample (line 12) and the fitted quarter with the highest KL and loss (of 19: 5 samples)
+    assert np.flatnonzero(clean[:20]).tolist() == [14, 15, 16, 17, 18, 19]
     assert np.array_equal(clean[20:], ~fit[20:])  # the other labels: line 12
     assert np.array_equal(weight, clean.astype(float))
 
@@ -124,7 +126,8 @@ def test_per_label_identification_returns_the_least_poison_like_share_of_the_ove
 def test_balance_weighs_the_returned_share_as_the_median_other_label():
     fit, labels, kl, loss = _fitted_target()
     clean, weight, _ = meca.identify(fit, labels, kl, loss, meca.MecaParams(label_keep=0.25))
-    assert weight[15:20].tolist() == [29 / 5] * 5  # labels 1 and 2 keep 29 samples each in the clean pool
+    # labels 1 and 2 keep 29 samples each in the clean pool, label 0 one by line 12: 28 weight for the 5 returned
+    assert weight[14:19].tolist() == [28 / 5] * 5 and weight[19] == 1.0
     assert weight[clean & (labels > 0)].tolist() == [1.0] * 58 and not weight[~clean].any()
 
 

@@ -185,24 +185,25 @@ def identify(fit: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarr
     `paper`: Algorithm 2, line 12, clean = what the enhanced model does not fit, weight 1. `per_label` (beyond the
     paper): where the enhanced model fits one label's samples and hardly any other's, line 12 throws that whole label
     away, its clean samples with the poison, and the final model loses the class. Instead the `label_keep` share of
-    the label that the warm-up model finds least poison-like returns to the clean pool: the highest mean within-label
-    rank of the warm-up KL (Eq. 3: poison is robust, low KL) and of the warm-up loss (poison is fitted, low loss).
-    With `balance` those samples weigh so that the label's weight equals the median other label's clean count (never
-    less than 1 each). Other labels, and every label when none is over-fitted, follow line 12."""
+    its fitted samples that the warm-up model finds least poison-like returns to the clean pool: the highest mean
+    rank, among them, of the warm-up KL (Eq. 3: poison is robust, low KL) and of the warm-up loss (poison is fitted,
+    low loss). With `balance` the returned samples weigh so that the label's weight in the pool equals the median
+    other label's clean count (never less than 1 each). Line 12 decides the rest, and every label when none is
+    over-fitted."""
     clean = ~fit
     label = over_fitted_label(fit, labels, params) if params.identify == "per_label" else None
     weight = clean.astype(np.float64)
     if label is None or params.label_keep == 0:
         return clean, weight, label
-    members = np.flatnonzero(labels == label)
+    members = np.flatnonzero((labels == label) & fit)
     poison_unlike = (within_label_rank(kl[members]) + within_label_rank(loss[members])) / 2
     back = members[poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)]
-    clean[members] = False
     clean[back] = True
     weight = clean.astype(np.float64)
     if params.balance:
-        others = np.bincount(labels[clean], minlength=int(labels.max()) + 1)
-        weight[back] = max(1.0, float(np.median(np.delete(others, label))) / len(back))
+        counts = np.bincount(labels[clean], minlength=int(labels.max()) + 1)
+        missing = float(np.median(np.delete(counts, label))) - (counts[label] - len(back))
+        weight[back] = max(1.0, missing / len(back))
     return clean, weight, label
 
 
