@@ -19,6 +19,7 @@ from pathlib import Path
 from components import artifacts, metrics, tracking
 from components.config import load_config, parse_overrides
 from components.defenses import get
+from components.errors import UnpoisonError
 from pipelines import local
 
 KEYS = ("defense", "attack", "protocol", "acc", "asr", "der", "detection_tpr", "detection_fpr", "wall_seconds",
@@ -60,10 +61,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}"
 
 
-def records_from_run(m: dict, run: str, include_none: bool) -> list[dict]:
+def records_from_run(m: dict, run: str, include_none: bool, variant: dict | None = None) -> list[dict]:
+    """The run's records; `variant`, {"variant": name, "settings": {...}}, marks a held-out setting's records."""
     base = {"protocol": m["protocol"], "attack": m["attack"]["name"], "model": m["model"], "machine": machine(),
             "date": date.today().isoformat(), "run": run, "train_samples": m["train_samples"],
-            "test_samples": m["test_samples"], "poison_samples": m["poison_samples"]}
+            "test_samples": m["test_samples"], "poison_samples": m["poison_samples"], **(variant or {})}
     out = []
     if m["defense"] == "none" or include_none:
         ref = m["models"]["nodef"]
@@ -108,10 +110,10 @@ def robust_keys(m: dict) -> dict:
 def with_reference(records: list[dict]) -> list[dict]:
     """A defense whose run trains no no-defense model (ABL, LfD) gets its DER and no-defense figures from the `none`
     record of the same attack and protocol: the same poisoned set, trained by the same stage with the same seed."""
-    plain = {(r["attack"], r["protocol"]): r for r in records if r["defense"] == "none"}
+    plain = {(r["attack"], r["protocol"], r.get("variant")): r for r in records if r["defense"] == "none"}
     out = []
     for r in records:
-        ref = plain.get((r["attack"], r["protocol"]))
+        ref = plain.get((r["attack"], r["protocol"], r.get("variant")))
         if r["defense"] != "none" and ref is not None and ("reference" in r or r.get("nodef_acc") is None):
             r = {**r, "nodef_acc": ref["acc"], "nodef_asr": ref["asr"], "nodef_target_acc": ref.get("target_acc"),
                  "der": metrics.der(ref["acc"], ref["asr"], r["acc"], r["asr"]),
@@ -121,12 +123,17 @@ def with_reference(records: list[dict]) -> list[dict]:
 
 
 def merge(path: Path, new: list[dict]) -> list[dict]:
-    """Replace records of the same (defense, attack, protocol); keep the others."""
+    """Replace records of the same (defense, attack, protocol, variant); keep the others."""
     old = json.loads(path.read_text()) if path.exists() else []
-    keys = {(r["defense"], r["attack"], r["protocol"]) for r in new}
-    kept = [r for r in old if (r["defense"], r["attack"], r["protocol"]) not in keys]
+
+    def key(r):
+        return r["defense"], r["attack"], r["protocol"], r.get("variant") or ""
+
+    keys = {key(r) for r in new}
+    kept = [r for r in old if key(r) not in keys]
     order = {"none": 0}
-    records = sorted(kept + new, key=lambda r: (r["protocol"], r["attack"], order.get(r["defense"], 1), r["defense"]))
+    records = sorted(kept + new, key=lambda r: (r["protocol"], r.get("variant") or "", r["attack"],
+                                                order.get(r["defense"], 1), r["defense"]))
     return with_reference(records)
 
 
@@ -138,13 +145,17 @@ def table(records: list[dict]) -> str:
              "rho_vul | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        lines.append(f"| {r['attack']} | {r['defense']} | {f(r['acc'])} | {f(r['asr'])} | {f(r['der'])} | "
+        attack = f"{r['attack']} ({r['variant']})" if r.get("variant") else r["attack"]
+        lines.append(f"| {attack} | {r['defense']} | {f(r['acc'])} | {f(r['asr'])} | {f(r['der'])} | "
                      f"{f(r.get('target_acc'))} | "
                      f"{f(r.get('ra'))} | {f(r['detection_tpr'])} | {f(r['detection_fpr'])} | "
                      f"{f(r.get('acc_relabel'))} | {f(r.get('asr_relabel'))} | {f(r.get('gamma'))} | "
                      f"{f(r.get('rho_vul'))} | {r['wall_seconds']:.0f} |")
     machines = sorted({r["machine"] for r in records})
-    return "\n".join(lines) + "\n\nMachine: " + "; ".join(machines) + "\n"
+    held_out = sorted({(r["variant"], json.dumps(r["settings"], sort_keys=True)) for r in records if r.get("variant")})
+    notes = "".join(f"\n- {name}: held-out setting {settings}" for name, settings in held_out)
+    return ("\n".join(lines) + "\n\nMachine: " + "; ".join(machines) + "\n"
+            + (f"\nVariants (attack (name)), settings no default was tuned on:\n{notes}\n" if notes else ""))
 
 
 def main(args) -> None:
@@ -155,21 +166,27 @@ def main(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.protocol}-reference.json"
     uri = tracking.default_uri(args.runs)
+    variant = None
+    if args.variant:
+        if not args.set:
+            raise UnpoisonError(f"--variant {args.variant} names a held-out setting: give it with --set KEY=VALUE ...")
+        variant = {"variant": args.variant, "settings": parse_overrides(args.set)}
     for attack in attacks:
         cfg = load_config(args.protocol, parse_overrides(args.set, **{"attack.name": attack, "data": args.data}), args.config)
         sharer = next((d for d in defenses if d != "none" and warmup_is_nodef(d, cfg)), None) if "none" in defenses else None
         runs = [d for d in defenses if not (d == "none" and sharer)]
         for defense in runs:
+            label = f"-{args.variant}" if args.variant else ""
             run_dir = local.run(defense, cfg, args.runs, mlflow_uri=uri,
-                                name=f"{defense}-{attack}-{args.protocol}-{date.today():%Y%m%d}-{os.getpid()}")
+                                name=f"{defense}-{attack}{label}-{args.protocol}-{date.today():%Y%m%d}-{os.getpid()}")
             m = artifacts.read_json(run_dir / "metrics.json")
-            new = records_from_run(m, run_dir.name, include_none=defense == sharer)
+            new = records_from_run(m, run_dir.name, include_none=defense == sharer, variant=variant)
             records = merge(path, new)
             artifacts.write_json(records, path)
             with artifacts.atomic_path(path.with_suffix(".md")) as tmp:
                 tmp.write_text(f"# {args.protocol} reference protocol\n\n" + table(records))
             for r in new:
                 asr = "-" if r["asr"] is None else f"{r['asr']:.4f}"
-                print(f"{r['attack']:<8} {r['defense']:<6} ACC {r['acc']:.4f} ASR {asr} target ACC {r['target_acc']:.4f} "
+                print(f"{r['attack']:<8} {args.variant or ''} {r['defense']:<6} ACC {r['acc']:.4f} ASR {asr} target ACC {r['target_acc']:.4f} "
                       f"wall {r['wall_seconds']:.0f} s", flush=True)
     print(f"results: {path}")

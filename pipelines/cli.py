@@ -208,6 +208,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--data", required=True, help="the full CIFAR-10 set (the CPU protocol takes shard 0)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     b.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
+    b.add_argument("--variant", metavar="NAME",
+                   help="name a held-out setting given with --set (another shard, target, rate, trigger seed): its "
+                        "records are kept apart from the protocol's, named by it")
     common(b)
     b.set_defaults(func=cmd_benchmark)
 
