@@ -7,11 +7,13 @@ parameters, the others keep their constant defaults, so a task's cache key is wh
 defense's own section), and the upstream stage outputs in numbered slots with their stage names in `upstream`. The pipeline
 builder gives each task its stage's name. Each component calls one stage function through `stages.recorded`,
 which writes `stage.json` (result, wall time, a unique execution id) into the output so that tracking can tell a
-fresh execution from one served by the cache. A stage that raises an UnpoisonError (bad configuration or data)
-does not fail its task, so that KFP does not retry it; the run fails in `track` (components/runner.py, `guarded`).
-Components are lightweight Python components on the stage image, with the package preinstalled
-(`install_kfp_package=False`) and every import inside the function body, so the same component runs in a pod and
-under `kfp.local.SubprocessRunner(use_venv=False)`. Artifacts are folders.
+fresh execution from one served by the cache. Three bookkeeping components track the run in MLflow: `track_start`
+opens its parent run, `track` finishes it, `track_exit` (the exit handler) fails it when a task failed; each stage
+logs its own child run while it runs (components/runner.py). A stage that raises an UnpoisonError (bad
+configuration or data) does not fail its task, so that KFP does not retry it; the run fails in `track`
+(components/runner.py, `guarded`). Components are lightweight Python components on the stage image, with the
+package preinstalled (`install_kfp_package=False`) and every import inside the function body, so the same component
+runs in a pod and under `kfp.local.SubprocessRunner(use_venv=False)`. Artifacts are folders.
 
 The data-reading component (`poison`, `ingest`) takes `data_hash`, the fingerprint of what `data` holds
 (`components.data.source_fingerprint`, computed where the run is submitted), unused by the stage: as an input it is
@@ -36,26 +38,18 @@ def component(fn):
 def poison(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset],
            data_hash: str = ""):
     """Poison injection: the poisoned set (dataset.npz, attack.json, sources) and, apart, the ground-truth table."""
-    from components import stages
-    from components.params import AttackParams
-    from components.runner import guarded
+    from components.runner import data_task
 
-    guarded("poison", [dataset.path, truth.path], [], lambda: stages.recorded(
-        "poison", stages.poison, dataset.path, data, AttackParams(**attack), train_limit=train_limit or None,
-        truth=truth.path))
+    data_task("poison", data, attack, train_limit, dataset.path, truth.path)
 
 
 @component
 def ingest(data: str, attack: dict, train_limit: int, dataset: Output[Dataset], truth: Output[Dataset],
            data_hash: str = ""):
     """The data set as delivered: nothing injected; ground truth apart, when the source carries it."""
-    from components import stages
-    from components.params import AttackParams
-    from components.runner import guarded
+    from components.runner import data_task
 
-    guarded("ingest", [dataset.path, truth.path], [], lambda: stages.recorded(
-        "ingest", stages.ingest, dataset.path, data, AttackParams(**attack), train_limit=train_limit or None,
-        truth=truth.path))
+    data_task("ingest", data, attack, train_limit, dataset.path, truth.path)
 
 
 @component
@@ -125,6 +119,29 @@ def evaluate(defense: str, delivered: bool, upstream: list, metrics: Output[Metr
 
 
 @component
+def track_start(run_id: str, defense: str, data: str = "", protocol: str = "", train_limit: int = 0,
+                model: str = "", seed: int = 0, attack: dict = {}, train: dict = {}, final: dict = {},
+                section: dict = {}) -> str:
+    """Open the MLflow parent run of this pipeline run (when MLFLOW_TRACKING_URI is set), status RUNNING, tagged with
+    the KFP run id, so that every stage task logs its child run into it while it runs. Never cached. Returns the
+    MLflow run id ('' without MLflow)."""
+    from components.runner import open_kfp_run
+
+    given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,
+                 train=train, final=final, section=section)
+    return open_kfp_run(run_id, defense, given)
+
+
+@component
+def track_exit(run_id: str, status: dsl.PipelineTaskFinalStatus):
+    """The exit handler: runs when every other task has ended, failed or not; marks the MLflow parent run FAILED
+    with the failing stage's error unless the pipeline succeeded, and closes the child runs of killed pods."""
+    from components.runner import close_kfp_run
+
+    close_kfp_run(run_id, status.state, status.error_message)
+
+
+@component
 def track(run_id: str, defense: str, delivered: bool, upstream: list,
           data: str = "", protocol: str = "", train_limit: int = 0, model: str = "", seed: int = 0,
           attack: dict = {}, train: dict = {}, final: dict = {}, section: dict = {},
@@ -134,9 +151,10 @@ def track(run_id: str, defense: str, delivered: bool, upstream: list,
           in9: Input[Artifact] = None, in10: Input[Artifact] = None, in11: Input[Artifact] = None,
           in12: Input[Artifact] = None, in13: Input[Artifact] = None, in14: Input[Artifact] = None,
           in15: Input[Artifact] = None) -> str:
-    """Record the pipeline run in MLflow when MLFLOW_TRACKING_URI is set: a parent run tagged with the KFP run id,
-    one child run per stage, a stage served from the cache tagged with the run that produced it. Never cached.
-    Returns the MLflow parent run id ('' without MLflow)."""
+    """Finish the pipeline's MLflow parent run when MLFLOW_TRACKING_URI is set: the evaluation summary, the model,
+    the data set, a child run for each stage served from the cache (tagged with the run that produced it), status
+    FINISHED; or fail the run on a stage's user error. Never cached. Returns the MLflow parent run id ('' without
+    MLflow)."""
     from components.runner import track_run
 
     given = dict(data=data, protocol=protocol, train_limit=train_limit, model=model, seed=seed, attack=attack,

@@ -12,20 +12,30 @@ it on without running, and `track` (never retried, it reads every stage's output
 and exit code USER_ERROR_EXIT. Whatever else ends a task fails it, and KFP retries it: an eviction, a preempted
 node, the timeout, any other exception (a CUDA error), and an object store still unreachable or failing (5xx) after
 the store's own retries (an UnpoisonError caused by such an error: the CLI reports it as one, KFP retries it).
+
+Live MLflow tracking (components/tracking.py). Every task reads its KFP run id from the environment variable
+KFP_RUN_ID (`kfp_run_id`): on a cluster the pod's label `pipeline/runid`, through the downward API; under kfp.local
+`run_local` sets it. Not a task parameter: a parameter is part of a task's cache key, and one that changes with
+every run would serve no stage from the cache. The pipeline's first task, `track_start`, opens the MLflow parent run
+tagged with that id (`open_kfp_run`); each stage task finds it and logs its child run while it runs (`run_tracked`,
+`data_task`); `track` finishes it (`track_run`), or fails it on a user error; the exit handler's task, `track_exit`,
+fails it when any task failed and closes the child runs of killed pods (`close_kfp_run`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
-from components import artifacts, checkpoint, store, tracking
+from components import artifacts, checkpoint, stages, store, tracking
 from components.config import validate
 from components.defenses import get
-from components.defenses.base import run_stage
+from components.defenses.base import Stage, run_stage
 from components.errors import USER_ERROR_EXIT, USER_ERROR_FILE, UnpoisonError
+from components.params import AttackParams
 
 
 def config_from(defense: str, given: dict, reads: tuple[str, ...]):
@@ -89,10 +99,30 @@ def checkpoint_prefix(out_uri: str | None, task: dict) -> str | None:
     return f"s3://{rest.split('/', 1)[0]}/{CHECKPOINTS}/{digest}"
 
 
+def kfp_run_id(given: str = "") -> str:
+    """This KFP run's id: KFP_RUN_ID (module docstring), else `given` (the run id placeholder a bookkeeping task
+    takes; a stage task cannot, and without KFP_RUN_ID logs no live child run: `track` logs it afterwards)."""
+    return os.environ.get("KFP_RUN_ID") or given
+
+
+def stage_params(st: Stage, cfg) -> dict:
+    """The configuration keys a stage reads, with their values: its child run's parameters."""
+    tree = cfg.model_dump(mode="json")
+    return {k: tree[k] for k in st.reads if k in tree}
+
+
+def run_tracked(parent: tracking.Run | None, st: Stage, cfg, out: Path, dirs, data_name: str) -> dict:
+    """`run_stage`, logged live as a child run of `parent` (none without one): parameters at the start, each epoch
+    as it ends, the outputs at the end; FAILED with the error when the stage raises."""
+    with tracking.stage_run(parent, st.name, params=stage_params(st, cfg), folder=out) as on_epoch:
+        return run_stage(st, cfg, out, dirs, data_name, on_epoch=on_epoch)
+
+
 def run_task(defense: str, stage: str, delivered: bool, given: dict, upstream: list[str], slots: list,
              out: str, out_uri: str | None = None) -> dict | None:
-    """A declared stage of a KFP task (`guarded`): its record, or None when it stopped on a user error. With the
-    output's `out_uri`, its trainings' checkpoints are mirrored to the object store (`checkpoint_prefix`)."""
+    """A declared stage of a KFP task (`guarded`), tracked live: its record, or None when it stopped on a user
+    error. With the output's `out_uri`, its trainings' checkpoints are mirrored to the object store
+    (`checkpoint_prefix`)."""
     dirs = {name: Path(a.path) for name, a in zip(upstream, slots) if a is not None}
     task = {"defense": defense, "stage": stage, "delivered": delivered, "given": given,
             "inputs": {name: a.uri for name, a in zip(upstream, slots) if a is not None}}
@@ -102,37 +132,77 @@ def run_task(defense: str, stage: str, delivered: bool, given: dict, upstream: l
         st = d.stage(stage, delivered)
         cfg = config_from(defense, given, (*st.reads, *(("data",) if st.monitor else ())))
         with checkpoint.mirrored(checkpoint_prefix(out_uri, task)):
-            return run_stage(st, cfg, Path(out), dirs, d.plan(delivered)[0].name)
+            return run_tracked(tracking.kfp_run(kfp_run_id()), st, cfg, Path(out), dirs, d.plan(delivered)[0].name)
 
     return guarded(stage, [out], dirs.values(), run)
 
 
-def record(defense: str, delivered: bool, run_name: str, config: dict, stage_dirs: dict[str, tuple[str, str]], *,
-           uri: str | None = None, tags: dict) -> str:
-    """Record a run in MLflow (local engine or KFP): its stages, the defended model when its stage is among
-    `stage_dirs` (stage -> (folder, artifact URI)), and the training data set with its content hash."""
+def data_task(stage: str, data: str, attack: dict, train_limit: int, out: str, truth: str) -> dict | None:
+    """The data stage of a KFP task, `poison` or `ingest` (`guarded`, tracked live): the data set into `out`, the
+    ground truth apart into `truth`. `train_limit` 0 is the whole training split."""
+    fn = stages.poison if stage == "poison" else stages.ingest
+
+    def run():
+        params = {"data": data, "attack": AttackParams(**attack), "train_limit": train_limit or None}
+        logged = {**params, "attack": params["attack"].model_dump(mode="json")}
+        with tracking.stage_run(tracking.kfp_run(kfp_run_id()), stage, params=logged, folder=Path(out)):
+            return stages.recorded(stage, fn, out, params["data"], params["attack"],
+                                   train_limit=params["train_limit"], truth=truth)
+
+    return guarded(stage, [out, truth], [], run)
+
+
+def finish(parent: tracking.Run | None, defense: str, delivered: bool, config: dict,
+           stage_dirs: dict[str, tuple[str, str]]) -> str:
+    """Finish a run's MLflow parent run (local engine or KFP): its stages (`stage_dirs`: stage -> (folder, artifact
+    URI)), the defended model when its stage is among them, and the training data set with its content hash."""
     d = get(defense)
     defended = d.evaluation.models[d.evaluation.defended]
     data = Path(stage_dirs[d.plan(delivered)[0].name][0])
-    return tracking.record_pipeline_run(
-        run_name, defense, config, stage_dirs, uri=uri, tags=tags,
-        final_model=defended if defended.split("/")[0] in stage_dirs else None,
+    return tracking.finish_run(
+        parent, stage_dirs, final_model=defended if defended.split("/")[0] in stage_dirs else None,
         dataset={"name": "train", "source": config["data"],
                  "digest": artifacts.read_json(data / "dataset.json")["dataset_hash"]})
 
 
-def track_run(run_id: str, defense: str, delivered: bool, given: dict, upstream: list[str], slots: list) -> str:
-    """Record a KFP run in MLflow from its stage artifacts (every parameter of the pipeline is in `given`). When a
-    stage stopped on a user error, fail the run instead, with its message and exit code USER_ERROR_EXIT: this
-    task is never retried, so the run fails once and shows why."""
-    error = user_error(a.path for a in slots if a is not None)
-    if error is not None:
-        print(f"unpoison: error: stage {error['stage']} stopped: {error['error']}", file=sys.stderr)
-        raise SystemExit(USER_ERROR_EXIT)
+def _config(defense: str, given: dict) -> dict:
+    """The run configuration as recorded, from a bookkeeping task's parameters (every pipeline parameter)."""
     d = get(defense)
     config = {k: v for k, v in given.items() if k != "section"}
     config["train_limit"] = config["train_limit"] or None
     if d.section:
         config[d.section] = given["section"]
+    return config
+
+
+def open_kfp_run(run_id: str, defense: str, given: dict) -> str:
+    """Open the MLflow parent run of a KFP run, tagged `unpoison.kfp_run_id` (the first task). Returns its
+    id ('' without MLflow)."""
+    rid = kfp_run_id(run_id)
+    parent = tracking.open_run(rid, defense, _config(defense, given), tags={"unpoison.kfp_run_id": rid})
+    return parent.run_id if parent else ""
+
+
+def track_run(run_id: str, defense: str, delivered: bool, given: dict, upstream: list[str], slots: list) -> str:
+    """Finish the MLflow parent run of a KFP run from its stage artifacts (every parameter of the pipeline is in
+    `given`; a parent the first task did not open is opened here). When a stage stopped on a user error, fail the run
+    instead, with its message and exit code USER_ERROR_EXIT: this task is never retried, so the run fails once and
+    shows why."""
+    rid = kfp_run_id(run_id)
+    error = user_error(a.path for a in slots if a is not None)
+    if error is not None:
+        message = f"stage {error['stage']} stopped: {error['error']}"
+        print(f"unpoison: error: {message}", file=sys.stderr)
+        tracking.fail_run(tracking.kfp_run(rid), message)
+        raise SystemExit(USER_ERROR_EXIT)
+    config = _config(defense, given)
     stage_dirs = {name: (a.path, a.uri) for name, a in zip(upstream, slots) if a is not None}
-    return record(defense, delivered, run_id, config, stage_dirs, tags={"unpoison.kfp_run_id": run_id})
+    parent = tracking.kfp_run(rid) or tracking.open_run(rid, defense, config, tags={"unpoison.kfp_run_id": rid})
+    with tracking.fail_on_error(parent):
+        return finish(parent, defense, delivered, config, stage_dirs)
+
+
+def close_kfp_run(run_id: str, state: str, message: str | None) -> None:
+    """The exit handler's task: fail the MLflow parent run of a KFP run that did not succeed
+    (`tracking.close_kfp_run`)."""
+    tracking.close_kfp_run(kfp_run_id(run_id), state, message)

@@ -18,15 +18,26 @@ changed, a submitted pipeline runs its stage image by digest (`stage_image`; `bu
 task, the compiled templates keep `STAGE_IMAGE`), and every pipeline takes `data_hash`, the fingerprint of what
 `data` holds (`arguments`, from `components.data.source_fingerprint`), bound to the data-reading task; every other
 task reads that task's output artifacts, so changed data under the same path reruns the whole pipeline.
+
+MLflow, live: the pipeline body runs inside `dsl.ExitHandler`. Its first task, `track-start`, opens the run's MLflow
+parent run; every stage waits for it and logs its own child run while it runs; `track`, the last task, finishes the
+parent run (it reads every stage's output); the exit task, `track-exit`, runs once all others ended, failed or not,
+and marks the parent run FAILED unless the pipeline succeeded. The bookkeeping tasks are never cached nor retried.
+The tasks find the parent run by the KFP run id, which reaches them as the environment variable KFP_RUN_ID from
+their pod's label (`with_secrets`), not as a parameter, which would change every task's cache key in every run
+(components/runner.py). KFP takes no pipeline output from inside an exit handler, so a pipeline names its result's
+task and output in `pipeline.result`, which `run_local` reads.
 """
 
 
 import copy
 import dataclasses
 import inspect
+import json
 import logging
 import os
 import re
+import uuid
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
@@ -81,8 +92,14 @@ def stage_image(image: str | None, allow_tag: bool = False) -> str:
     return image
 
 
+RUN_ID_ENV = "KFP_RUN_ID"  # every task's KFP run id, from its pod's label (components/runner.py, kfp_run_id)
+
+
 def with_secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """The object store and MLflow credentials as env vars from Secrets (never component inputs)."""
+    """The object store and MLflow credentials as env vars from Secrets (never component inputs), and the KFP run id
+    from the pod's label `pipeline/runid`: the stage tasks find the run's MLflow parent run by it. Both come in
+    through the pod spec, outside the task's cache key."""
+    kubernetes.use_field_path_as_env(task, env_name=RUN_ID_ENV, field_path="metadata.labels['pipeline/runid']")
     keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"]
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in keys})
     # optional, key by key: without the Secret no tracking; without the user keys, a server without authentication
@@ -154,9 +171,9 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
           imported: dict[str, str] | None = None, image: str | None = None):
     """The defense's KFP pipeline, built from its declaration. For a rerun, `execute` names the stages that run and
     `imported` maps every other stage the run needs (and `truth`) to the artifact URI an earlier run recorded; they
-    come in through dsl.importer, so nothing upstream executes. A full pipeline returns the evaluation metrics, a
-    rerun the output of the last stage it executes. `image` replaces the components' `STAGE_IMAGE` on every task
-    (`stage_image` checks it)."""
+    come in through dsl.importer, so nothing upstream executes. The pipeline's result (`pipeline.result`, the task and
+    output name) is the evaluation metrics, or for a rerun the output of the last stage it executes. `image` replaces
+    the components' `STAGE_IMAGE` on every task (`stage_image` checks it)."""
     d = get(defense)
     plan = d.plan(delivered)
     data_name = plan[0].name
@@ -167,14 +184,32 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
     kinds = {st.name: (Dataset if st.kind == "dataset" else Model) for st in plan}
     kinds.update({data_name: Dataset, "truth": Dataset})
 
+    def bookkeeping(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        """A tracking task: runs every time, never retried (`track` fails a run on a user error, once)."""
+        with_secrets(task).set_caching_options(enable_caching=False)
+        return task.set_cpu_request("1").set_memory_request("2Gi")
+
     def body(*args):
         p = dict(zip(names, args))
-        outputs, tasks = {}, []
+        # the exit handler's task runs once every task inside has ended, failed or not: it fails the MLflow run
+        # unless all of them succeeded
+        exit_task = bookkeeping(c.track_exit(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        with dsl.ExitHandler(exit_task, name="tracked"):
+            tasks = [exit_task, *tracked_stages(p)]
+        if image:
+            for task in tasks:
+                task.set_container_image(image)
+
+    def tracked_stages(p: dict) -> list[dsl.PipelineTask]:
+        """The tasks inside the exit handler: `track-start`, the stages, `track`."""
+        outputs = {}
+        start = bookkeeping(c.track_start(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, defense=defense,
+                                          **_config_args(d, p, config_names)))
+        tasks = [start]
         for name, uri in (imported or {}).items():
             if name not in execute:
                 outputs[name] = dsl.importer(artifact_uri=uri, artifact_class=kinds.get(name, Dataset),
                                              reimport=False).output
-        last = None
         for st in plan:
             if st.name not in execute:
                 continue
@@ -191,33 +226,40 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
                 task = on_gpu(c.evaluate(defense=defense, delivered=delivered, **_config_args(d, p, keys),
                                          **_slots(outputs, upstream)))
                 tasks.append(task)
-                outputs[st.name] = last = task.outputs["metrics"]
+                outputs[st.name] = task.outputs["metrics"]
                 continue
             comp = c.stage_model if st.kind == "model" else c.stage_dataset
             task = _named(comp, st.name, (st.fn.__doc__ or st.name).split(".")[0])(
                 defense=defense, stage=st.name, delivered=delivered, **_config_args(d, p, keys),
                 **_slots(outputs, upstream))
             tasks.append((on_gpu if st.gpu else on_cpu)(task))
-            outputs[st.name] = last = task.outputs["out"]
-        tracked = [s.name for s in plan if s.name in outputs] + ["truth"]
-        track = c.track(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, defense=defense, delivered=delivered,
-                        **_config_args(d, p, config_names), **_slots(outputs, tracked))
-        # bookkeeping: runs every time; no retry, since it fails a run whose stage stopped on a user error
-        with_secrets(track).set_caching_options(enable_caching=False)
-        track.set_cpu_request("1").set_memory_request("2Gi")
-        if image:
-            for task in (*tasks, track):
-                task.set_container_image(image)
-        return last
+            outputs[st.name] = task.outputs["out"]
+        for task in tasks[1:]:  # every stage waits for its MLflow parent run (an ordering, not a cache-key input)
+            task.after(start)
+        recorded = [s.name for s in plan if s.name in outputs] + ["truth"]
+        tasks.append(bookkeeping(c.track(run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, defense=defense, delivered=delivered,
+                                         **_config_args(d, p, config_names), **_slots(outputs, recorded))))
+        return tasks
 
-    last_stage = [s for s in plan if s.name in execute][-1]
     body.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULTS[n],
-                           annotation=type(DEFAULTS[n])) for n in names],
-        return_annotation=dsl.Metrics if last_stage.name == "evaluate" else kinds[last_stage.name])
+                           annotation=type(DEFAULTS[n])) for n in names])
     body.__name__ = f"{defense.replace('-', '_')}_pipeline"
     suffix = ("-delivered" if delivered else "") + ("" if run_all else f"-rerun-{execute[0]}".replace("_", "-"))
-    return dsl.pipeline(name=f"unpoison-{defense}{suffix}", description=d.description)(body)
+    pipeline = dsl.pipeline(name=f"unpoison-{defense}{suffix}", description=d.description)(body)
+    # KFP takes no pipeline output from inside an exit handler: `run_local` finds the result, the evaluation
+    # metrics or the output of the last stage a rerun executes, by its task and output name
+    last_stage = [s for s in plan if s.name in execute][-1]
+    pipeline.result = (last_stage.name.replace("_", "-"), "metrics" if last_stage.name == "evaluate" else
+                       "dataset" if last_stage is plan[0] else "out")
+    return pipeline
+
+
+def compiled_tasks(spec: dict) -> dict:
+    """The tasks of a compiled pipeline spec by name, those inside the exit handler's group included (not the group)."""
+    dags = [spec["root"]["dag"], *(comp["dag"] for comp in spec["components"].values() if "dag" in comp)]
+    return {name: task for dag in dags for name, task in dag["tasks"].items()
+            if "dag" not in spec["components"][task["componentRef"]["name"]]}
 
 
 def pipeline_name(defense: str, delivered: bool) -> str:
@@ -259,18 +301,21 @@ class TaskLog(logging.Handler):
     def __init__(self):
         super().__init__(logging.INFO)
         self.executed, self.cached = [], []
+        self.cache_keys = {}  # cached task -> the start of its cache key, as kfp.local logs it
 
     def emit(self, record):
         msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # kfp.local colours task names
-        if m := re.search(r"Task '?([\w-]+)'? cache hit", msg):
+        if m := re.search(r"Task '?([\w-]+)'? cache hit(?: \(key=(\w+)\))?", msg):
             self.cached.append(m.group(1))
+            self.cache_keys[m.group(1)] = m.group(2)
 
 
 def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None = None,
               cache: bool = True) -> tuple[Path, TaskLog]:
-    """Run a pipeline under kfp.local.SubprocessRunner(use_venv=False) with caching on (cache in root/.kfp_cache),
-    or off with `cache=False` (every task executes; the cache is left as it is).
-    Returns the folder of the pipeline's output artifact and the task log."""
+    """Run a pipeline of `build` under kfp.local.SubprocessRunner(use_venv=False) with caching on (cache in
+    root/.kfp_cache), or off with `cache=False` (every task executes; the cache is left as it is). The tasks get
+    KFP_RUN_ID, a fresh id, as a pod gets it from its label, and `mlflow_uri` as MLFLOW_TRACKING_URI.
+    Returns the folder of the pipeline's result (`pipeline.result`) and the task log."""
     from kfp import local
 
     root = Path(root).resolve()
@@ -283,18 +328,23 @@ def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None =
     old_level = logger.level
     logger.addHandler(log)
     logger.setLevel(logging.INFO)
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    if mlflow_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    # the tasks inherit this process's environment: the tracking URI, and the run id a pod reads from its label
+    env = {RUN_ID_ENV: uuid.uuid4().hex, **({"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         task = pipeline(**arguments)
     finally:
         logger.removeHandler(log)
         logger.setLevel(old_level)
-        if mlflow_uri:
-            os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
     # kfp.local names a run's folder <pipeline name>-<timestamp>; other new folders (an MLflow store's mlartifacts
     # beside a sqlite database in root) are not runs
     new = [d for d in root.iterdir() if d not in before and d.is_dir() and d.name.startswith(f"{pipeline.name}-")]
     log.executed = sorted(t.name for d in new for t in d.iterdir() if t.is_dir())
-    return Path(task.output.path), log
+    task_name, output = pipeline.result
+    if log.cache_keys.get(task_name):  # served from the cache: the output its cache entry names, from an earlier run
+        entry = next((root / ".kfp_cache").glob(f"{log.cache_keys[task_name]}*.json"))
+        return Path(json.loads(entry.read_text())[output]["uri"]), log
+    return new[0] / task_name / output, log

@@ -1,5 +1,7 @@
-"""The local runner: a defense's declared stages in one process, into one run folder; MLflow records the finished
-run (a parent run, one child run per stage).
+"""The local runner: a defense's declared stages in one process, into one run folder; MLflow records the run live
+(components/tracking.py): its parent run opens before the first stage, each stage logs its child run while it runs
+(each epoch as it ends), and the parent run ends FINISHED with the run's summary, or FAILED with the failing stage's
+error when a stage raises (the error is raised again).
 
 A run writes into `<out>/<name>.partial/` and is renamed to `<out>/<name>/` only when every stage has finished,
 so a folder without the suffix always holds a complete run. A rerun (`rerun`) reads the stages upstream of
@@ -12,12 +14,12 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from components import artifacts, runner
+from components import artifacts, runner, tracking
 from components.attacks import build_attack
 from components.config import RunConfig
 from components.data import load_images
 from components.defenses import get
-from components.defenses.base import DATA, Defense, run_stage
+from components.defenses.base import DATA, Defense
 from components.errors import UnpoisonError
 from components.models import MODELS
 
@@ -36,16 +38,18 @@ def validate(defense: str, cfg: RunConfig) -> Defense:
     return d
 
 
-def execute(defense: Defense, cfg: RunConfig, run_dir: Path, names: list[str], dirs: dict[str, Path]) -> dict:
+def execute(defense: Defense, cfg: RunConfig, run_dir: Path, names: list[str], dirs: dict[str, Path],
+            parent: tracking.Run | None = None) -> dict:
     """Run the named stages of the defense's plan in order into run_dir/<stage>, reading upstream outputs from
-    `dirs` (stage -> folder, updated as stages finish). Returns each executed stage's wall time and throughput."""
+    `dirs` (stage -> folder, updated as stages finish), each logged live as a child run of `parent` (if any).
+    Returns each executed stage's wall time and throughput."""
     delivered = cfg.attack.name == "none"
     plan = [s for s in defense.plan(delivered) if s.name in names]
     data_name = defense.plan(delivered)[0].name
     timings = {}
     for i, st in enumerate(plan, 1):
         print(f"stage {i}/{len(plan)} {st.name}: started", flush=True)
-        record = run_stage(st, cfg, run_dir / st.name, dirs, data_name)
+        record = runner.run_tracked(parent, st, cfg, run_dir / st.name, dirs, data_name)
         dirs[st.name] = run_dir / st.name
         timings[st.name] = {"seconds": record["seconds"],
                             **{k: v for k, v in record["result"].items() if k == "samples_per_second"}}
@@ -68,9 +72,16 @@ def _finish(run_dir: Path, timings: dict) -> None:
         (run_dir / "report.md").write_text(text)
 
 
-def _track(defense: Defense, cfg: RunConfig, name: str, dirs: dict[str, Path], uri: str, tags: dict) -> str:
-    return runner.record(defense.name, cfg.attack.name == "none", name, cfg.model_dump(),
-                         {s: (str(d), str(d)) for s, d in dirs.items()}, uri=uri, tags=tags)
+def _open(defense: Defense, cfg: RunConfig, name: str, uri: str | None, tags: dict) -> tracking.Run | None:
+    """The run's MLflow parent run, opened before its first stage (None without `uri`)."""
+    return tracking.open_run(name, defense.name, cfg.model_dump(), uri=uri, tags=tags) if uri else None
+
+
+def _track(parent: tracking.Run | None, defense: Defense, cfg: RunConfig, dirs: dict[str, Path]) -> None:
+    """Finish the parent run, on the stage folders where the run left them."""
+    if parent is not None:
+        runner.finish(parent, defense.name, cfg.attack.name == "none", cfg.model_dump(),
+                      {s: (str(d), str(d)) for s, d in dirs.items()})
 
 
 def _new_run_dir(out_root: Path, name: str) -> Path:
@@ -88,13 +99,14 @@ def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None,
     name = name or f"{defense}-{cfg.attack.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = _new_run_dir(out_root, name)
     artifacts.write_json({"defense": defense, "config": cfg.model_dump()}, run_dir / "config.json")
-    dirs: dict[str, Path] = {}
-    timings = execute(d, cfg, run_dir, d.stage_names(cfg.attack.name == "none"), dirs)
-    _finish(run_dir, timings)
-    final_dir = run_dir.with_name(name)
-    run_dir.rename(final_dir)
-    if mlflow_uri:
-        _track(d, cfg, name, {s: final_dir / s for s in dirs}, mlflow_uri, {"unpoison.engine": "local"})
+    parent = _open(d, cfg, name, mlflow_uri, {"unpoison.engine": "local"})
+    with tracking.fail_on_error(parent):
+        dirs: dict[str, Path] = {}
+        timings = execute(d, cfg, run_dir, d.stage_names(cfg.attack.name == "none"), dirs, parent)
+        _finish(run_dir, timings)
+        final_dir = run_dir.with_name(name)
+        run_dir.rename(final_dir)
+        _track(parent, d, cfg, {s: final_dir / s for s in dirs})
     return final_dir
 
 
@@ -117,11 +129,11 @@ def rerun(defense: str, cfg: RunConfig, earlier: dict[str, Path], stage: str, ou
                           "downstream": downstream, "inputs": {s: str(p) for s, p in earlier.items()}}},
                          run_dir / "config.json")
     dirs = {s: Path(p) for s, p in earlier.items() if s not in names}
-    timings = execute(d, cfg, run_dir, names, dirs)
-    _finish(run_dir, timings)
-    final_dir = run_dir.with_name(name)
-    run_dir.rename(final_dir)
-    if mlflow_uri:
-        dirs = {s: (final_dir / s if s in names else p) for s, p in dirs.items()}
-        _track(d, cfg, name, dirs, mlflow_uri, {"unpoison.engine": "local", "unpoison.rerun_of": stage})
+    parent = _open(d, cfg, name, mlflow_uri, {"unpoison.engine": "local", "unpoison.rerun_of": stage})
+    with tracking.fail_on_error(parent):
+        timings = execute(d, cfg, run_dir, names, dirs, parent)
+        _finish(run_dir, timings)
+        final_dir = run_dir.with_name(name)
+        run_dir.rename(final_dir)
+        _track(parent, d, cfg, {s: (final_dir / s if s in names else p) for s, p in dirs.items()})
     return final_dir

@@ -193,7 +193,7 @@ def test_compiled_aabl_pipeline_asks_for_a_gpu_on_every_training_and_scoring_tas
     from pipelines import kfp_pipelines as kp
 
     pipeline, platform = yaml.safe_load_all((kp.COMPILED / "a-abl.yaml").read_text())
-    tasks = pipeline["root"]["dag"]["tasks"]
+    tasks = kp.compiled_tasks(pipeline)
     assert {"warmup", "final-train", "score", "partition", "evaluate"} <= set(tasks)
     executors = pipeline["deploymentSpec"]["executors"]
     for name in ("warmup", "final-train", "score", "evaluate"):

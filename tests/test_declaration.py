@@ -73,11 +73,11 @@ def test_toy_defense_runs_under_kfp_local_and_compiles_with_a_gpu_on_its_trainin
     from pipelines import kfp_pipelines as kp
 
     metrics_dir, log = kp.run_local(kp.build("toy"), kp.arguments(load_config("cpu", SMALL), "toy"), tmp_path)
-    assert set(log.executed) == {"poison", "fit", "flag", "evaluate", "track"}
+    assert set(log.executed) == {"poison", "fit", "flag", "evaluate", "track-start", "track", "track-exit"}
     assert json.loads((metrics_dir / "metrics.json").read_text())["defense"] == "toy"
     compiler.Compiler().compile(kp.build("toy"), str(tmp_path / "toy.yaml"))
     pipeline, _ = yaml.safe_load_all((tmp_path / "toy.yaml").read_text())
-    tasks, executors = pipeline["root"]["dag"]["tasks"], pipeline["deploymentSpec"]["executors"]
+    tasks, executors = kp.compiled_tasks(pipeline), pipeline["deploymentSpec"]["executors"]
 
     def resources(task):
         return executors[pipeline["components"][tasks[task]["componentRef"]["name"]]["executorLabel"]]["container"][

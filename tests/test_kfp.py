@@ -1,5 +1,6 @@
-"""The KFP layer: compiled specs (GPU, tolerations, secrets, caching), the checked-in YAML, and real kfp.local runs
-with caching, MLflow tracking and a one-stage rerun through dsl.importer."""
+"""The KFP layer: compiled specs (GPU, tolerations, secrets, caching, the exit handler), the checked-in YAML, and
+real kfp.local runs with caching, live MLflow tracking (a failing stage fails the run's MLflow run) and a one-stage
+rerun through dsl.importer."""
 
 import json
 import os
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 MECA_TASKS = {"poison", "warmup", "score", "partition", "enhance", "identify", "final-train", "relabel-finetune",
               "evaluate"}
 TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
+BOOKKEEPING = {"track-start", "track", "track-exit"}  # the MLflow tasks: never cached, never retried
 
 
 def _spec(name):
@@ -30,7 +32,7 @@ def _executed(out: str) -> list[str]:
     """The tasks a kfp-local run printed as executed, without importers and tracking."""
     line = [ln for ln in out.splitlines() if ln.startswith("executed: ")][-1]
     tasks = line.removeprefix("executed: ").split(";")[0].split(", ")
-    return sorted(t for t in tasks if not t.startswith("importer") and t != "track")
+    return sorted(t for t in tasks if not t.startswith("importer") and t not in BOOKKEEPING)
 
 
 def test_checked_in_yaml_is_current(tmp_path):
@@ -54,9 +56,10 @@ def test_compiled_spec_asks_for_gpus_limits_timeouts_retries_secrets_and_caching
     defense = REGISTRY[name.removesuffix("-delivered")]
     gpu_tasks = {s.name.replace("_", "-") for s in defense.plan(name.endswith("-delivered")) if s.gpu}
     pipeline, platform = _spec(name)
-    tasks = pipeline["root"]["dag"]["tasks"]
+    tasks = kp.compiled_tasks(pipeline)
     executors = pipeline["deploymentSpec"]["executors"]
-    assert set(tasks) == {s.replace("_", "-") for s in defense.stage_names(name.endswith("-delivered"))} | {"track"}
+    stage_tasks = {s.replace("_", "-") for s in defense.stage_names(name.endswith("-delivered"))}
+    assert set(tasks) == stage_tasks | BOOKKEEPING
     assert gpu_tasks and "evaluate" in gpu_tasks
     for task_name, task in tasks.items():
         executor = pipeline["components"][task["componentRef"]["name"]]["executorLabel"]
@@ -81,26 +84,54 @@ def test_compiled_spec_asks_for_gpus_limits_timeouts_retries_secrets_and_caching
             assert int(task["retryPolicy"]["backoffMaxDuration"].removesuffix("s")) >= 3 * 6 * 3600
         else:
             assert "accelerator" not in resources, task_name
-        if task_name == "track":
+        # every task knows its KFP run id from its pod's label, outside its cache key
+        assert {"name": "KFP_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"} in k8s["fieldPathAsEnv"]
+        if task_name in BOOKKEEPING:
             assert not task.get("cachingOptions", {}).get("enableCache"), "tracking must run every time"
-            # a stage that stopped on a user error fails the run here, once: never retried
-            assert "retryPolicy" not in task
+            # a stage that stopped on a user error fails the run in track, once: never retried
+            assert "retryPolicy" not in task, task_name
         else:
             assert task["cachingOptions"]["enableCache"] is True, task_name
             # an evicted or preempted stage is retried; a user error does not fail it (the runner's guard)
             assert task["retryPolicy"]["maxRetryCount"] == 2, task_name
             program = executors[executor]["container"]["command"][-1]
-            assert "components.runner import guarded" in program or "components.runner import run_task" in program
+            assert "components.runner import data_task" in program or "components.runner import run_task" in program
     # track reads every stage's output, so a user error recorded by any stage reaches it
     track = tasks["track"]["inputs"]
     producers = {a["taskOutputArtifact"]["producerTask"] for a in track["artifacts"].values()}
-    assert producers == set(tasks) - {"track"}
+    assert producers == stage_tasks
     assert set(track["parameters"]["upstream"]["runtimeValue"]["constant"]) == \
         set(defense.stage_names(name.endswith("-delivered"))) | {"truth"}
     # secrets are never component inputs
     for component in pipeline["components"].values():
         params = component.get("inputDefinitions", {}).get("parameters", {})
         assert not any("secret" in p.lower() or "key" in p.lower() for p in params)
+
+
+@pytest.mark.parametrize("name", [kp.pipeline_name(d, delivered) for d in REGISTRY for delivered in (False, True)])
+def test_an_exit_handler_closes_the_mlflow_run_whatever_fails(name):
+    """The pipeline body runs inside dsl.ExitHandler: the exit task `track-exit` runs once every other task ended,
+    failed or not, with the group's final status (and marks the MLflow parent run FAILED unless it succeeded)."""
+    pipeline, _ = _spec(name)
+    root = pipeline["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "track-exit"}
+    exit_task = root["track-exit"]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert exit_task["dependentTasks"] == ["exit-handler-1"]
+    assert exit_task["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert pipeline["components"][exit_task["componentRef"]["name"]]["inputDefinitions"]["parameters"]["status"][
+        "parameterType"] == "TASK_FINAL_STATUS"
+    inside = pipeline["components"][root["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inside) == set(kp.compiled_tasks(pipeline)) - {"track-exit"}
+    for task_name, task in inside.items():
+        placeholders = [v for v in task["inputs"].get("parameters", {}).values()
+                        if "{{$.pipeline_job" in str(v.get("runtimeValue", ""))]
+        if task_name in BOOKKEEPING:
+            assert placeholders, task_name  # the run id placeholder, a fallback beside KFP_RUN_ID
+        else:
+            # every stage opens its MLflow child run in the parent run `track-start` opened; the run id that
+            # finds it is no parameter, which would change the stage's cache key in every run
+            assert "track-start" in task["dependentTasks"] and not placeholders, task_name
 
 
 def test_a_pipeline_takes_its_own_section_and_never_another_defenses():
@@ -112,7 +143,7 @@ def test_a_pipeline_takes_its_own_section_and_never_another_defenses():
     assert set(aabl["root"]["inputDefinitions"]["parameters"]) == shared | {"aabl"}
     assert set(none["root"]["inputDefinitions"]["parameters"]) == shared
     # each task binds only what its stage reads: the partition task sees meca, not train or final
-    bound = meca["root"]["dag"]["tasks"]["partition"]["inputs"]["parameters"]
+    bound = kp.compiled_tasks(meca)["partition"]["inputs"]["parameters"]
     assert "section" in bound and not {"train", "final", "seed"} & set(bound)
 
 
@@ -131,7 +162,7 @@ def kfp_runs(tmp_path_factory):
 def test_first_run_executes_every_stage(kfp_runs):
     _, _, runs = kfp_runs
     metrics_dir, log = runs[0]
-    assert set(log.executed) == MECA_TASKS | {"track"} and not log.cached
+    assert set(log.executed) == MECA_TASKS | BOOKKEEPING and not log.cached
     m = json.loads((metrics_dir / "metrics.json").read_text())
     assert m["defense"] == "meca" and 0 <= m["asr"] <= 1 and 0 <= m["acc"] <= 1 and 0 <= m["der"] <= 1
     assert set(m["models"]) == {"nodef", "enhanced", "clean", "relabelled"}
@@ -139,16 +170,17 @@ def test_first_run_executes_every_stage(kfp_runs):
 
 def test_identical_second_run_executes_no_stage(kfp_runs):
     _, _, runs = kfp_runs
-    _, log = runs[1]
-    assert log.executed == ["track"]  # bookkeeping only, never cached
+    metrics_dir, log = runs[1]
+    assert set(log.executed) == BOOKKEEPING  # bookkeeping only, never cached
     assert set(log.cached) == MECA_TASKS
+    assert metrics_dir == runs[0][0]  # the result served from the cache: the first run's evaluation
 
 
 def test_final_training_change_reruns_only_what_depends_on_it(kfp_runs):
     _, _, runs = kfp_runs
     _, log = runs[2]
     # final training, the fine-tune of its model, evaluation (and tracking); nothing upstream
-    assert set(log.executed) == {"final-train", "relabel-finetune", "evaluate", "track"}
+    assert set(log.executed) == {"final-train", "relabel-finetune", "evaluate"} | BOOKKEEPING
     assert set(log.cached) == MECA_TASKS - {"final-train", "relabel-finetune", "evaluate"}
 
 
@@ -173,6 +205,12 @@ def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
     assert "unpoison.cached_from" not in children[third]["final_train"].data.tags
     assert parents[2].data.params["final.lr"] == "0.05"
     assert 0 <= parents[0].data.metrics["asr"] <= 1
+    # logged live by the tasks that ran, each parent finished by `track`
+    assert all(r.info.status == "FINISHED" for r in runs)
+    warmup = children[first]["warmup"]
+    assert warmup.data.params["train.epochs"] == "1"  # logged by the task at its start
+    assert [h.step for h in client.get_metric_history(warmup.info.run_id, "test_acc")] == [0]
+    assert not children[second]["warmup"].data.params  # served from the cache: logged from its folder by `track`
 
 
 def _first_run_id(uri):
@@ -246,10 +284,11 @@ def test_cli_runs_the_pipeline_under_kfp_local_and_no_cache_executes_every_task(
             "--set", "train_limit=300", "train.epochs=1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "executed: evaluate, poison, track, train;" in out and "no defense" in out
+    assert "executed: evaluate, poison, track, track-exit, track-start, train;" in out and "no defense" in out
     assert (tmp_path / "kfp-local" / ".kfp_cache").is_dir()
     assert main([*argv, "--no-cache"]) == 0  # the same run again: without --no-cache every stage would be cached
-    assert "executed: evaluate, poison, track, train; from cache: nothing" in capsys.readouterr().out
+    assert "executed: evaluate, poison, track, track-exit, track-start, train; from cache: nothing" in \
+        capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,8 +345,10 @@ def test_submit_pins_the_digest_on_every_task_and_binds_the_data_hash(fake_clien
     (pipeline, kwargs), = fake_client.submitted
     spec = _compiled(pipeline, tmp_path)
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {DIGEST_IMAGE}
-    tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["poison"]["inputs"]["parameters"]["data_hash"] == {"componentInputParameter": "data_hash"}
+    tasks = kp.compiled_tasks(spec)
+    # bound to the pipeline parameter, through the exit handler's group
+    assert tasks["poison"]["inputs"]["parameters"]["data_hash"] == {
+        "componentInputParameter": "pipelinechannel--data_hash"}
     assert kwargs["arguments"]["data_hash"] == source_fingerprint("sample") != ""
     # caching as compiled: every stage cached, `track` never (True would switch it on for track too)
     assert kwargs["enable_caching"] is None
@@ -321,8 +362,8 @@ def test_submit_with_allow_tag_and_no_cache(fake_client, tmp_path):
     (pipeline, kwargs), = fake_client.submitted
     spec = _compiled(pipeline, tmp_path)
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {tag}
-    assert spec["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"]["data_hash"] == {
-        "componentInputParameter": "data_hash"}  # the data-reading task of a delivered set
+    assert kp.compiled_tasks(spec)["ingest"]["inputs"]["parameters"]["data_hash"] == {
+        "componentInputParameter": "pipelinechannel--data_hash"}  # the data-reading task of a delivered set
     assert kwargs["enable_caching"] is False and kwargs["arguments"]["data_hash"] == "given"
 
 
@@ -330,7 +371,7 @@ def test_checked_in_templates_bind_the_data_hash_to_the_data_task():
     for name in ("meca", "none-delivered"):
         pipeline, _ = _spec(name)
         data_task = "ingest" if name.endswith("-delivered") else "poison"
-        for task_name, task in pipeline["root"]["dag"]["tasks"].items():
+        for task_name, task in kp.compiled_tasks(pipeline).items():
             bound = task["inputs"].get("parameters", {})
             assert ("data_hash" in bound) == (task_name == data_task), task_name
 
@@ -392,10 +433,30 @@ def test_rerun_to_a_cluster_pins_the_image_and_passes_no_cache(fake_client, tmp_
             if "container" in e} == {DIGEST_IMAGE}
 
 
+def test_a_failing_stage_under_kfp_local_fails_the_mlflow_run_through_the_exit_handler(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(kp, "RETRIES", 0)  # kfp.local honours the retry policy and its backoff: fail at once
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # a learning rate that makes the loss diverge: the training raises FloatingPointError, which fails its task
+    cfg = load_config("cpu", {"train_limit": 300, "train.epochs": 2, "train.lr": 1e6})
+    with pytest.raises(RuntimeError, match="failed"):
+        kp.run_local(kp.build("none"), kp.arguments(cfg, "none"), tmp_path / "kfp", mlflow_uri=uri, cache=False)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("unpoison").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["unpoison.stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert parent.info.status == "FAILED"  # by the exit task: evaluate and track never ran
+    assert parent.data.tags["unpoison.error"].startswith("stage train: FloatingPointError: no defense: loss became")
+    assert {s: r.info.status for s, r in children.items()} == {"poison": "FINISHED", "train": "FAILED"}
+    assert children["train"].data.tags["unpoison.error"].startswith("FloatingPointError: ")
+    assert children["train"].data.params["train.lr"] == "1000000.0"
+
+
 def test_aabl_pipeline_runs_under_kfp_local(tmp_path):
     cfg = load_config("cpu", {"train_limit": 400, "train.epochs": 1, "aabl.final.epochs": 1, "aabl.adv_steps": 1,
                               "aabl.ra_steps": 1, "attack.name": "trojan"})
     metrics_dir, log = kp.run_local(kp.build("a-abl"), kp.arguments(cfg, "a-abl"), tmp_path)
-    assert set(log.executed) == {"poison", "warmup", "score", "partition", "final-train", "evaluate", "track"}
+    assert set(log.executed) == {"poison", "warmup", "score", "partition", "final-train", "evaluate"} | BOOKKEEPING
     m = json.loads((metrics_dir / "metrics.json").read_text())
     assert m["defense"] == "a-abl" and 0 <= m["ra"] <= 1 and "otsu" in m["splits"]

@@ -78,6 +78,7 @@ def test_pipeline_run_logged_to_mlflow_server_with_artifacts_on_s3(mlflow_server
     assert 0 <= parent.data.metrics["acc"] <= 1 and 0 <= parent.data.metrics["asr"] <= 1
     children = {r.data.tags["unpoison.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"poison", "train", "evaluate"}
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children.values())
     assert children["train"].data.metrics["seconds"] > 0
     assert [h.step for h in client.get_metric_history(children["train"].info.run_id, "test_acc")] == [0]
     listed = {a.path for a in client.list_artifacts(children["train"].info.run_id, "train")}
@@ -86,6 +87,33 @@ def test_pipeline_run_logged_to_mlflow_server_with_artifacts_on_s3(mlflow_server
     keys = Store.from_env().list("s3://mlflow/artifacts/")
     assert any(k.endswith("train/model.safetensors") for k in keys)
     assert (run_dir / "metrics.json").exists()
+
+
+def test_a_failing_stage_shows_on_the_server_as_failed_runs_with_its_epochs_so_far(mlflow_server, tmp_path,
+                                                                                 monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from components import stages
+
+    real = stages.Monitor.__call__
+
+    def monitor(self, epoch, model, record):  # the training raises in its third epoch
+        if epoch == 2:
+            raise RuntimeError("injected: the node went away")
+        real(self, epoch, model, record)
+
+    monkeypatch.setattr(stages.Monitor, "__call__", monitor)
+    cfg = load_config("cpu", {"train_limit": 300, "train.epochs": 3})
+    with pytest.raises(RuntimeError, match="injected"):
+        local.run("none", cfg, tmp_path, mlflow_uri=mlflow_server, name="fails-on-server")
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("unpoison")
+    runs = client.search_runs([exp.experiment_id], "tags.`unpoison.run` = 'fails-on-server'")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (train,) = [r for r in runs if r.data.tags.get("unpoison.stage") == "train"]
+    assert parent.info.status == train.info.status == "FAILED"
+    assert parent.data.tags["unpoison.error"] == "stage train: RuntimeError: injected: the node went away"
+    assert [h.step for h in client.get_metric_history(train.info.run_id, "test_acc")] == [0, 1]
 
 
 # ---------------------------------------------------------------- basic authentication (issue 17 item 5)

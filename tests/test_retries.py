@@ -37,7 +37,7 @@ def run_entry(tmp_path: Path, task: str, params: dict, inputs: dict | None = Non
     (slot -> folder); its outputs go to tmp_path/<name>. `stage_raises`: an expression whose value the declared
     stage raises instead of running (the stage functions are tested elsewhere)."""
     spec, _ = yaml.safe_load_all((kp.COMPILED / f"{pipeline}.yaml").read_text())
-    component = spec["components"][spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]]
+    component = spec["components"][kp.compiled_tasks(spec)[task]["componentRef"]["name"]]
     container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
     program = tmp_path / "ephemeral_component.py"
     program.write_text(container["command"][-1])  # the compiled command writes its last item to this file and runs it
@@ -148,10 +148,21 @@ def test_under_kfp_local_a_user_error_fails_the_run_in_track_and_nothing_after_i
     # track fails (the CLI checks the data path first, so the pipeline is called directly here)
     missing = tmp_path / "no-such-data"
     arguments = {**kp.arguments(load_config("cpu", {"train.epochs": 1}), "none"), "data": str(missing)}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError, match="Inner task failed: .*track"):
-        kp.run_local(kp.build("none"), arguments, tmp_path / "kfp")
+        kp.run_local(kp.build("none"), arguments, tmp_path / "kfp", mlflow_uri=uri)
     log = "".join(capfd.readouterr())  # kfp.local prints a task's stderr to stdout
     assert f"unpoison: error: stage poison stopped: data path '{missing}' does not exist" in log
     markers = {p.relative_to(tmp_path / "kfp").parts[1:-1] for p in (tmp_path / "kfp").glob(f"*/**/{USER_ERROR_FILE}")}
     assert markers == {("poison", "dataset"), ("poison", "truth"), ("train", "out"), ("evaluate", "metrics")}
     assert not list((tmp_path / "kfp").glob("*/train/out/model.json")), "training ran"
+    # in MLflow: the data stage's child run FAILED with the error, and its parent run failed by `track`
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("unpoison").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (poison,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # no stage after it ran
+    assert parent.info.status == poison.info.status == "FAILED"
+    assert poison.data.tags["unpoison.error"].startswith(f"UnpoisonError: data path '{missing}' does not exist")
+    assert parent.data.tags["unpoison.error"] == f"stage poison: {poison.data.tags['unpoison.error']}"

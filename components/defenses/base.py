@@ -39,7 +39,8 @@ class Stage:
     reads: tuple[str, ...] = ()  # the configuration keys `params` reads
     gpu: bool = True  # ask for a GPU node on a cluster
     kind: Literal["model", "dataset"] = "dataset"  # the KFP artifact type of the output folder
-    monitor: bool = False  # pass `monitor`: per-epoch ACC/ASR on test images, for the report's curves
+    monitor: bool = False  # pass `monitor`: per-epoch ACC/ASR on test images, for the report's curves, and each
+    # epoch's record to live tracking (`run_stage`'s on_epoch)
 
     @property
     def upstream(self) -> tuple[str, ...]:
@@ -159,9 +160,25 @@ def resolve(ref: str, dirs: Mapping[str, Path], data_name: str) -> Path:
     return folder / rest if rest else folder
 
 
-def run_stage(st: Stage, cfg, out: Path, dirs: Mapping[str, Path], data_name: str) -> dict:
+def per_epoch(monitor: stages.Monitor | None, report: Callable[[dict], None] | None):
+    """The callback a stage's training calls after each epoch (`engine.EpochCallback`): the monitor's test figures
+    into the epoch's record, then `report(record)` with the whole record, as history.json keeps it (live tracking)."""
+    if report is None:
+        return monitor
+
+    def on_epoch(epoch: int, model, record: dict) -> None:
+        if monitor is not None:
+            monitor(epoch, model, record)
+        report(record)
+
+    return on_epoch
+
+
+def run_stage(st: Stage, cfg, out: Path, dirs: Mapping[str, Path], data_name: str, *,
+              on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Run one declared stage into `out` on the upstream folders in `dirs` (stage name -> folder); returns the
-    stage record (`stages.recorded`). The same call runs a stage locally and inside a KFP component."""
+    stage record (`stages.recorded`). The same call runs a stage locally and inside a KFP component. `on_epoch`
+    hears each epoch's record as the epoch ends, in the stages that keep a per-epoch history (`monitor`)."""
     view = ConfigView(cfg, st.reads, st.name)
     kwargs = dict(st.params(view))
     for arg, ref in st.inputs.items():
@@ -170,6 +187,7 @@ def run_stage(st: Stage, cfg, out: Path, dirs: Mapping[str, Path], data_name: st
     if "dirs" in kwargs:  # evaluation also reads the ground truth: apart under KFP, in the data folder locally
         kwargs["dirs"] = {**kwargs["dirs"], "truth": Path(dirs.get("truth", dirs[data_name]))}
     if st.monitor:  # no curves without a test split: a folder's training images are no test set
-        kwargs["monitor"] = (stages.Monitor(cfg.data, resolve(f"{DATA}/attack.json", dirs, data_name))
-                             if stages.has_test_split(cfg.data) else None)
+        monitor = (stages.Monitor(cfg.data, resolve(f"{DATA}/attack.json", dirs, data_name))
+                   if stages.has_test_split(cfg.data) else None)
+        kwargs["monitor"] = per_epoch(monitor, on_epoch)
     return stages.recorded(st.name, st.fn, out, **kwargs)
