@@ -99,6 +99,14 @@ def cmd_benchmark(args) -> None:
     benchmark.main(args)
 
 
+def cmd_attacks(args) -> None:
+    from components.attacks import ATTACKS, describe
+
+    print("\n\n".join(describe(name) for name in ATTACKS))
+    print("\nchoose with --attack NAME, set params with --set attack.params.NAME=VALUE (e.g. attack.params.size=5), "
+          "the target, rate and poison seed with attack.target, attack.rate, attack.seed")
+
+
 def cmd_data_push(args) -> None:
     from components.store import Store, parse_uri
 
@@ -213,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
                         "records are kept apart from the protocol's, named by it")
     common(b)
     b.set_defaults(func=cmd_benchmark)
+
+    a = sub.add_parser("attacks", help="list every attack with its one-line spec, paper and params (defaults)")
+    a.set_defaults(func=cmd_attacks)
 
     d = sub.add_parser("data", help="move data sets to the S3 object store")
     dsub = d.add_subparsers(dest="data_command", required=True)

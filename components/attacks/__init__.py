@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from ..errors import UnpoisonError
+from .adaptive_blend import AdaptiveBlend
+from .adaptive_patch import AdaptivePatch
 from .badnets import BadNets
 from .base import Attack, Poisoned, StaticTrigger
 from .blend import Blend
+from .bpp import Bpp
 from .none import NoAttack
 from .sig import SIG
+from .tact import TaCT
 from .trojan import Trojan
 from .wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {"none": NoAttack, "badnets": BadNets, "blend": Blend, "sig": SIG, "trojan": Trojan, "wanet": WaNet}
+ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (NoAttack, BadNets, Blend, SIG, Trojan, WaNet, Bpp, TaCT, AdaptiveBlend, AdaptivePatch)}
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "Blend", "NoAttack", "Poisoned", "SIG", "StaticTrigger", "Trojan", "WaNet", "attack_from_spec", "build_attack"]
+__all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "NoAttack", "Poisoned", "SIG", "StaticTrigger",
+           "TaCT", "Trojan", "WaNet", "attack_from_spec", "build_attack", "describe"]
 
 
 def build_attack(name: str, *, target: int, rate: float, seed: int, num_classes: int, **params) -> Attack:
@@ -32,3 +37,17 @@ def attack_from_spec(spec: dict) -> Attack:
     if extra:
         raise UnpoisonError(f"attack spec has unknown key(s) {', '.join(extra)}; valid keys: {', '.join(keys)}, params")
     return build_attack(spec["name"], **{k: spec[k] for k in keys[1:]}, **(spec.get("params") or {}))
+
+
+def describe(name: str) -> str:
+    """A few lines on one attack for `unpoison attacks`: its one-line spec, its paper, its label kind and its params with
+    their defaults, all read from the attack's class and module docstrings and its declared params."""
+    import inspect
+    import sys
+
+    cls = ATTACKS[name]
+    spec = (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
+    paper = " ".join((sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph
+    kind = "no attack" if name == "none" else "clean label" if cls.clean_label else "dirty label"
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in cls.declared().items()) or "none"
+    return f"{name}  ({kind})  {spec}\n    {paper}\n    params: {params}"

@@ -1,9 +1,17 @@
 """The attack interface: a trigger as a batched tensor function, and poisoning of an ImageSet with it.
 
-An attack is fixed by its spec (name, target, rate, seed, num_classes, params). `apply` adds the trigger to a float batch
-(N, C, H, W) in [0, 1]; `poison` picks round(rate * N) samples with numpy's default_rng(seed), triggers them
-and, for dirty-label attacks, relabels them to the target. A static trigger (BadNets, Blend, Trojan) is a
-pattern and a weight, x' = (1 - w) * x + w * p, written once in `StaticTrigger`.
+An attack is fixed by its spec (name, target, rate, seed, num_classes, params). `apply` adds the (test-time) trigger
+to a float batch (N, C, H, W) in [0, 1]; `poison` picks round(rate * N) samples of `pool` with numpy's
+default_rng(seed), triggers them with `poison_images` (the test trigger unless an attack trains on another one) and,
+for dirty-label attacks, relabels them; `cover` then modifies cover samples that keep their labels.
+
+Every dirty-label attack (unless it fixes its own source and target, as TaCT does) takes the param `mapping`:
+`all2one` (default) relabels every poison sample to the target; `all2all` relabels a sample of class y to
+(y + 1) mod K, draws the poison from every class, and measures ASR on every test image against its mapped label
+(BadNets' all-to-all setting, Gu et al. 2017; backdoor-toolbox `badnet_all_to_all.py`).
+
+A static trigger (BadNets, Blend, Trojan) is a pattern and a weight, x' = (1 - w) * x + w * p, written once in
+`StaticTrigger`.
 """
 
 from __future__ import annotations
@@ -26,18 +34,28 @@ class Poisoned:
     dataset: ImageSet  # poisoned images (uint8) and labels as delivered (flipped to the target for dirty-label poison)
     true_label: np.ndarray  # int64, the labels before poisoning
     is_poison: np.ndarray  # bool
-    is_cover: np.ndarray  # bool: modified but label kept (WaNet's noise samples); False for every other attack
+    is_cover: np.ndarray  # bool: modified but label kept (WaNet's noise samples, TaCT's and the adaptive attacks' covers)
+
+
+MAPPINGS = ("all2one", "all2all")
 
 
 class Attack:
     name: ClassVar[str]
     clean_label: ClassVar[bool] = False
-    defaults: ClassVar[dict] = {}  # every param the attack accepts, with its default
+    all_to_all: ClassVar[bool] = True  # a dirty-label attack accepts mapping=all2all; False where the attack fixes the labels
+    defaults: ClassVar[dict] = {}  # every param of the attack's own, with its default
+
+    @classmethod
+    def declared(cls) -> dict:
+        """Every param the attack accepts, with its default: its own and, for a dirty-label attack, `mapping`."""
+        return {**cls.defaults, **({"mapping": "all2one"} if cls.all_to_all and not cls.clean_label else {})}
 
     def __init__(self, *, target: int, rate: float, seed: int, num_classes: int, **params):
-        unknown = sorted(set(params) - set(self.defaults))
+        declared = self.declared()
+        unknown = sorted(set(params) - set(declared))
         if unknown:
-            valid = ", ".join(self.defaults) or "none"
+            valid = ", ".join(declared) or "none"
             raise UnpoisonError(f"unknown parameter(s) {', '.join(unknown)} for attack '{self.name}'; valid parameters: {valid}")
         if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0 < rate < 1:
             raise UnpoisonError(f"poison rate {rate!r} is outside (0, 1); give a fraction such as 0.05")
@@ -46,8 +64,11 @@ class Attack:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise UnpoisonError(f"seed {seed!r} is not an integer; give an integer seed")
         self.target, self.rate, self.seed, self.num_classes = int(target), float(rate), int(seed), int(num_classes)
-        for key, default in self.defaults.items():
+        for key, default in declared.items():
             setattr(self, key, params.get(key, default))
+        if "mapping" in declared and self.mapping not in MAPPINGS:
+            raise UnpoisonError(f"attack '{self.name}' mapping {self.mapping!r} is unknown; choose all2one (every poison sample "
+                                f"relabelled to the target) or all2all (class y relabelled to (y + 1) mod {self.num_classes})")
         self.check()
         self._cache: dict = {}  # tensors derived from the image shape, per (shape, device, dtype)
 
@@ -76,46 +97,74 @@ class Attack:
             out[i : i + CHUNK] = y.permute(0, 2, 3, 1).numpy()
         return out
 
+    @property
+    def all2all(self) -> bool:
+        return getattr(self, "mapping", "all2one") == "all2all"
+
+    def pool(self, ds: ImageSet) -> tuple[np.ndarray, str]:
+        """The samples the poison is drawn from, and how to name them in an error."""
+        if self.clean_label:  # poison only target-class samples and keep their labels
+            return np.flatnonzero(ds.labels == self.target), f"of target class {self.target}"
+        if self.all2all:  # every class has a mapped label
+            return np.arange(len(ds)), "in the data set"
+        return np.flatnonzero(ds.labels != self.target), f"outside target class {self.target}"
+
+    def poison_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
+        """The labels the attacker gives triggered samples of true class `labels` (dirty label)."""
+        if self.all2all:
+            return (labels.astype(np.int64) + 1) % num_classes  # all-to-all: y -> (y + 1) mod K (Gu et al. 2017)
+        return np.full(len(labels), self.target, dtype=np.int64)
+
+    def poison_images(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The training trigger on uint8 images (N, H, W, C); the test trigger `apply` unless the attack trains on another."""
+        return self.apply_uint8(images)
+
     def poison(self, ds: ImageSet) -> Poisoned:
         if self.target >= ds.num_classes:
             raise UnpoisonError(f"target class {self.target} does not exist in a data set of {ds.num_classes} classes; choose 0 to {ds.num_classes - 1}")
         n, k = len(ds), round(self.rate * len(ds))
         if k == 0:
             raise UnpoisonError(f"poison rate {self.rate} selects 0 of {n} samples; raise the rate to at least {1 / n:.2g}")
-        if self.clean_label:  # poison only target-class samples and keep their labels
-            pool = np.flatnonzero(ds.labels == self.target)
-            if k > len(pool):
-                raise UnpoisonError(
-                    f"clean-label attack '{self.name}' needs {k} samples of target class {self.target} but the data set has {len(pool)}; "
-                    f"lower the rate to at most {len(pool) / n:.4g}"
-                )
-        else:  # poison samples of other classes and relabel them to the target
-            pool = np.flatnonzero(ds.labels != self.target)
-            if k > len(pool):
-                raise UnpoisonError(f"attack '{self.name}' needs {k} samples outside target class {self.target} but the data set has {len(pool)}; lower the rate")
+        pool, where = self.pool(ds)
+        if k > len(pool):
+            kind = "clean-label attack" if self.clean_label else "attack"
+            raise UnpoisonError(f"{kind} '{self.name}' needs {k} samples {where} but the data set has {len(pool)}; "
+                                f"lower the rate to at most {len(pool) / n:.4g}")
         rng = np.random.default_rng(self.seed)
         idx = np.sort(rng.choice(pool, size=k, replace=False))
         images, labels = ds.images.copy(), ds.labels.copy()
-        images[idx] = self.apply_uint8(ds.images[idx])
+        images[idx] = self.poison_images(ds.images[idx], rng)
         if not self.clean_label:
-            labels[idx] = self.target
+            labels[idx] = self.poison_labels(ds.labels[idx], ds.num_classes)
         is_poison = np.zeros(n, dtype=bool)
         is_poison[idx] = True
-        is_cover = self.cover(images, is_poison, rng)
+        is_cover = self.cover(images, ds.labels, is_poison, rng)
         return Poisoned(ImageSet(images, labels, ds.classes), ds.labels.astype(np.int64), is_poison, is_cover)
 
-    def cover(self, images: np.ndarray, is_poison: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Modify cover samples of `images` in place (labels kept) and return their mask; none by default."""
+    def cover(self, images: np.ndarray, labels: np.ndarray, is_poison: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Modify cover samples of `images` in place (labels kept; `labels` are the clean ones) and return their mask;
+        none by default."""
         return np.zeros(len(images), dtype=bool)
 
+    def pick_cover(self, n_cover: int, pool: np.ndarray, rng: np.random.Generator, where: str) -> np.ndarray:
+        """n_cover sorted indices drawn from `pool` (samples that are not poison), or a clear error."""
+        if n_cover > len(pool):
+            raise UnpoisonError(f"attack '{self.name}' needs {n_cover} cover samples {where} but only {len(pool)} remain; "
+                                f"lower the rate or the cover rate")
+        return np.sort(rng.choice(pool, size=n_cover, replace=False))
+
     def spec(self) -> dict:
-        params = {key: getattr(self, key) for key in self.defaults}
+        params = {key: getattr(self, key) for key in self.declared()}
         return {"name": self.name, "target": self.target, "rate": self.rate, "seed": self.seed, "num_classes": self.num_classes, "params": params}
 
+    def test_pool(self, ds: ImageSet) -> np.ndarray:
+        """The test images ASR is measured on: those whose true label is not the target (all of them for all2all)."""
+        return np.arange(len(ds)) if self.all2all else np.flatnonzero(ds.labels != self.target)
+
     def test_inputs(self, ds: ImageSet) -> tuple[np.ndarray, np.ndarray]:
-        """For ASR: the triggered test images whose true label is not the target, and the label the attacker wants for each."""
-        keep = np.flatnonzero(ds.labels != self.target)
-        return self.apply_uint8(ds.images[keep]), np.full(len(keep), self.target, dtype=np.int64)
+        """For ASR: the triggered test images of `test_pool`, and the label the attacker wants for each."""
+        keep = self.test_pool(ds)
+        return self.apply_uint8(ds.images[keep]), self.poison_labels(ds.labels[keep], ds.num_classes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"

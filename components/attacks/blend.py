@@ -15,6 +15,8 @@ from .base import StaticTrigger
 
 
 class Blend(StaticTrigger):
+    """The whole image blended with a fixed pattern (uniform noise or an image file) at weight alpha."""
+
     name = "blend"
     defaults = {"alpha": 0.2, "pattern_seed": 0, "pattern_path": None}
 

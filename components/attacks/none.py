@@ -16,7 +16,10 @@ from .base import Attack, Poisoned
 
 
 class NoAttack(Attack):
+    """No trigger: the data set as delivered, nothing injected."""
+
     name = "none"
+    all_to_all = False
 
     def __init__(self, *, target: int = 0, rate: float = 0.05, seed: int = 0, num_classes: int, **params):
         # the rate is meaningless here: validate the rest with a placeholder that always passes

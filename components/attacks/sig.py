@@ -16,6 +16,8 @@ from .base import Attack
 
 
 class SIG(Attack):
+    """Clean label: a horizontal sinusoid added to target-class images, labels kept."""
+
     name = "sig"
     clean_label = True
     defaults = {"delta": 20 / 255, "f": 6}

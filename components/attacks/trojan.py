@@ -17,7 +17,14 @@ from ..errors import UnpoisonError
 from .base import StaticTrigger
 
 
+def random_patch(c: int, size: int, pattern_seed: int) -> torch.Tensor:
+    """The Trojan square's pixels: uniform random colours (c, size, size) from torch.Generator().manual_seed(pattern_seed)."""
+    return torch.rand(c, size, size, generator=torch.Generator().manual_seed(pattern_seed))
+
+
 class Trojan(StaticTrigger):
+    """A fixed random-colour square in the bottom-right corner, or that square tiled as a semi-transparent watermark."""
+
     name = "trojan"
     defaults = {"size": 8, "variant": "square", "alpha": 0.3, "pattern_seed": 0}
 
@@ -34,7 +41,7 @@ class Trojan(StaticTrigger):
     def pattern(self, c: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.size > min(h, w):
             raise UnpoisonError(f"trojan patch size {self.size} exceeds the {h}x{w} images; choose a size of at most {min(h, w)}")
-        patch = torch.rand(c, self.size, self.size, generator=torch.Generator().manual_seed(self.pattern_seed))
+        patch = random_patch(c, self.size, self.pattern_seed)
         if self.variant == "watermark":
             reps = (-(-h // self.size), -(-w // self.size))
             return patch.repeat(1, *reps)[:, :h, :w], torch.full((1, 1, 1), float(self.alpha))

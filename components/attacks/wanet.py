@@ -19,6 +19,8 @@ from .base import Attack
 
 
 class WaNet(Attack):
+    """A fixed smooth warping field; cover samples get the warp plus random noise and keep their labels."""
+
     name = "wanet"
     defaults = {"k": 4, "s": 0.5, "cross_ratio": 2.0, "grid_rescale": 1.0}
 
@@ -51,7 +53,7 @@ class WaNet(Attack):
         (grid,) = self.cached(x, lambda: self.grid(*x.shape[1:]))
         return self.warp(x, grid)
 
-    def cover(self, images: np.ndarray, is_poison: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def cover(self, images: np.ndarray, labels: np.ndarray, is_poison: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n_cover = round(self.cross_ratio * self.rate * len(images))
         pool = np.flatnonzero(~is_poison)
         if n_cover > len(pool):
