@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from components.data import atomic_path  # the project's one atomic-write helper; re-exported here
 from components.errors import UnpoisonError
-from components.models import build_model
+from components.models import build_composite, build_model
 
 # Column -> Arrow type of each table kind (DESIGN.md, Artifacts). Score tables add one float column per score.
 SAMPLE_SCHEMA = {"sample_id": pa.int64(), "label": pa.int64(), "true_label": pa.int64(), "is_poison": pa.bool_(),
@@ -98,6 +98,10 @@ def save_model(model: torch.nn.Module, meta: dict, folder: Path) -> None:
 def load_model(folder: Path) -> tuple[torch.nn.Module, dict]:
     """The model in `folder` and its model.json, after checking the weights against their recorded sha256.
 
+    A folder whose model.json has a `composite` entry holds ABM's composite (components/models.py, AntiBackdoorModel):
+    both networks' weights in its model.safetensors, delta, gamma and A in model.json; it loads as one module, so
+    evaluation, the report and MLflow measure and serve the composite, not its teacher.
+
     A damaged weights file can still parse (a changed byte inside a tensor): without the check it would load and
     silently give another model.
     """
@@ -106,7 +110,8 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, dict]:
         raise UnpoisonError(f"no complete model in '{folder}' (model.json + model.safetensors); "
                             f"run the training stage that writes it")
     meta = read_json(folder / "model.json")
-    model = build_model(meta["architecture"], len(meta["classes"]))
+    model = (build_composite(meta["composite"], len(meta["classes"])) if meta.get("composite")
+             else build_model(meta["architecture"], len(meta["classes"])))
     weights = (folder / "model.safetensors").read_bytes()
     actual, expected = hashlib.sha256(weights).hexdigest(), meta.get("weights_sha256")
     if actual != expected:

@@ -29,6 +29,9 @@ EpochCallback = Callable[[int, nn.Module, dict], None]
 # (model, float batch, labels) -> the batch to train on, e.g. PGD adversarial examples (A-ABL Eq. 1's inner max).
 # One that draws random numbers keeps their torch.Generator as its attribute `generator`, which checkpoints restore.
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, float batch, labels, sample indices) -> (logits, per-sample loss): a loss that needs more than the batch's
+# logits, e.g. ABM's Eq. 2, which also reads the penultimate activations of a triggered copy; replaces `loss_fn`.
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -178,12 +181,13 @@ def _restore(state: dict, model, opt, sched, generators: dict) -> None:
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: TrainParams, *,
           loss_fn: LossFn = cross_entropy, weights: torch.Tensor | None = None, perturb: Perturb | None = None,
           on_epoch: EpochCallback | None = None, desc: str = "train", device: torch.device | None = None,
-          frozen_norm: bool = False, checkpoint: Path | None = None) -> list[dict]:
+          frozen_norm: bool = False, checkpoint: Path | None = None, batch_loss: BatchLoss | None = None) -> list[dict]:
     """Train `model` in place on uint8 `images` (N, H, W, C) with int64 `labels`; return one record per epoch.
 
     The batch loss is the mean over the batch of `weights[idx] * loss_fn(...)` (weights default to 1). With `perturb`,
     each augmented batch is replaced by `perturb(model, batch, labels)` before the step (adversarial training). With
-    `frozen_norm`, batch norm stays in eval mode: it normalizes with its running statistics and leaves them as they
+    `batch_loss`, it computes each batch's logits and per-sample loss itself (in place of the forward and `loss_fn`).
+    With `frozen_norm`, batch norm stays in eval mode: it normalizes with its running statistics and leaves them as they
     are, so the step acts on the function the model computes at inference (ABL's unlearning on a few samples).
 
     With `checkpoint` (a file) and `p.checkpoint_every` > 0, the training saves its state there every
@@ -194,7 +198,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
     if device.type == "cpu":
         use_machine_threads()
     every = p.checkpoint_every if checkpoint is not None else 0
-    key = checkpoints.training_key(model, images, labels, weights, p, desc=desc, loss_fn=loss_fn, perturb=perturb,
+    key = checkpoints.training_key(model, images, labels, weights, p, desc=desc, loss_fn=batch_loss or loss_fn,
+                                   perturb=perturb,
                                    frozen_norm=frozen_norm) if every else ""
     model = prepare(model, p, device)
     forward = compiled(model, p)
@@ -229,8 +234,12 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
             with _autocast(device, p):
                 if perturb is not None:
                     xb = perturb(forward, xb, yb)
-                logits = forward(xb)
-            per_sample = loss_fn(logits, yb, idx)
+                if batch_loss is not None:
+                    logits, per_sample = batch_loss(forward, xb, yb, idx)
+                else:
+                    logits = forward(xb)
+            if batch_loss is None:
+                per_sample = loss_fn(logits, yb, idx)
             loss = (per_sample * w_all[idx]).mean() if w_all is not None else per_sample.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

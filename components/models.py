@@ -6,6 +6,9 @@ perturbations all live in [0, 1] pixel space, and the normalization travels with
 `features(x)` gives the penultimate activations (globally average-pooled, flattened) that ABM and
 BSD read, `head` is the final Linear, and `model(x) == model.head(model.features(x))`.
 Global average pooling is adaptive, so the models accept sizes other than 32x32.
+
+`AntiBackdoorModel` is ABM's deployed classifier (paper 002, Eq. 4): two of these networks, a teacher and a student,
+composed into one module; `build_composite` rebuilds it from the description a model.json keeps.
 """
 
 from __future__ import annotations
@@ -196,6 +199,36 @@ MODELS = {
     "resnet_s1": partial(ResNet, depths=(1, 1, 1, 1), widths=(1, 1, 1, 1)),
     "resnet_s2": partial(ResNet, depths=(1, 1, 1, 1), widths=(64, 128, 256, 512)),
 }
+
+
+def anti_backdoor_logits(teacher: torch.Tensor, student: torch.Tensor, delta: float, gamma: float,
+                         activation: torch.Tensor | float) -> torch.Tensor:
+    """ABM Eq. 4 (paper 002): Output = f_t - delta * ReLU(f_s - gamma * A), on the teacher's and the student's logits;
+    only the student logits above the threshold gamma * A are subtracted (A: scalar, or one value per class)."""
+    return teacher - delta * F.relu(student - gamma * activation)
+
+
+class AntiBackdoorModel(nn.Module):
+    """ABM's composite classifier: a teacher (plain training on the whole set) and a student (distilled on the isolated
+    samples) whose logits combine by Eq. 4 (`anti_backdoor_logits`). The two networks' weights are its state dict
+    (`teacher.*`, `student.*`); delta, gamma and A are settings, kept in model.json, not weights (A is a
+    non-persistent buffer, so it moves with the module and a torch.export trace keeps it)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, delta: float, gamma: float, activation):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+        self.delta, self.gamma = float(delta), float(gamma)
+        self.register_buffer("activation", torch.as_tensor(activation, dtype=torch.float32), persistent=False)
+
+    def forward(self, x):
+        return anti_backdoor_logits(self.teacher(x), self.student(x), self.delta, self.gamma, self.activation)
+
+
+def build_composite(spec: dict, num_classes: int) -> AntiBackdoorModel:
+    """A fresh composite from model.json's `composite` entry: {"teacher", "student" (architectures), "delta", "gamma",
+    "activation" (A: a number or one per class)}."""
+    return AntiBackdoorModel(build_model(spec["teacher"], num_classes), build_model(spec["student"], num_classes),
+                             spec["delta"], spec["gamma"], spec["activation"])
 
 
 def list_models() -> list[str]:

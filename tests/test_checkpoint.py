@@ -79,7 +79,8 @@ calls = {
     "adversarial": lambda out: aabl.adversarial_train(dataset, out, model_name="resnet_s", params=TrainParams(
         epochs=2, augment="flip", **small), aabl=aabl.AablParams(adv_steps=2)),
     "enhance": lambda out: meca.enhance_stage(dataset, inputs / "warmup", inputs / "split.parquet", out, seed=3,
-                                              params=meca.MecaParams(rounds=2, learn_epochs=2),
+                                              params=meca.MecaParams(rounds=2, learn_epochs=2, round0_learn=False,
+                                                                     stop="rounds"),
                                               base=TrainParams(augment="flip", **small)),
 }
 with checkpoint.mirrored(args["mirror"]):
@@ -306,7 +307,8 @@ def test_meca_rounds_checkpoint_one_file_per_training(tmp_path):
     x, y = data(n=40)
     net = TinyCNN()
     kept0 = np.arange(40) % 3 > 0
-    params = meca.MecaParams(rounds=2, learn_epochs=1, eps=0.1, patch=2, score_batch=64)
+    params = meca.MecaParams(rounds=2, learn_epochs=1, eps=0.1, patch=2, score_batch=64, round0_learn=False,
+                             stop="rounds")  # the paper's rounds: no learning step in round 0, all rounds run
     meca.enhance(net, x, y, kept0, params, tiny(epochs=1, augment="none"), seed=0, checkpoints=tmp_path)
     assert sorted(p.name for p in (tmp_path / checkpoint.FOLDER).iterdir()) == [
         "learn-r1.pt", "unlearn-r0.pt", "unlearn-r1.pt"]
