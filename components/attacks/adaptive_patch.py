@@ -84,8 +84,4 @@ class AdaptivePatch(Attack):
         return out
 
     def cover(self, images: np.ndarray, labels: np.ndarray, is_poison: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        idx = self.pick_cover(round(self.cover_rate * len(images)), np.flatnonzero(~is_poison), rng, "besides the poison")
-        images[idx] = self.poison_images(images[idx], rng)
-        is_cover = np.zeros(len(images), dtype=bool)
-        is_cover[idx] = True
-        return is_cover
+        return self.trigger_covers(images, is_poison, rng)

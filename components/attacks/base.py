@@ -153,6 +153,15 @@ class Attack:
                                 f"lower the rate or the cover rate")
         return np.sort(rng.choice(pool, size=n_cover, replace=False))
 
+    def trigger_covers(self, images: np.ndarray, is_poison: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Cover samples (the adaptive attacks'): `cover_rate` of the set, not poison, get the training trigger in place
+        and keep their labels; returns their mask."""
+        idx = self.pick_cover(round(self.cover_rate * len(images)), np.flatnonzero(~is_poison), rng, "besides the poison")
+        images[idx] = self.poison_images(images[idx], rng)
+        is_cover = np.zeros(len(images), dtype=bool)
+        is_cover[idx] = True
+        return is_cover
+
     def spec(self) -> dict:
         params = {key: getattr(self, key) for key in self.declared()}
         return {"name": self.name, "target": self.target, "rate": self.rate, "seed": self.seed, "num_classes": self.num_classes, "params": params}
