@@ -28,10 +28,10 @@ test: $(VENV)/.installed $(TOOLS)/.installed
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -m "not slow"
 
-# CPU reference protocol (DESIGN.md) for none, meca, a-abl, abl and lfd on five attacks and no attack; needs the full CIFAR-10 Parquet set.
+# CPU reference protocol (DESIGN.md) for none, meca, a-abl, abl, lfd, abm and bsd on five attacks and no attack; needs the full CIFAR-10 Parquet set.
 # DEFENSES=... ATTACKS=... run a part of the matrix; records of the same defense, attack and protocol are replaced.
 CIFAR10 ?= ../shared/datasets/cifar10
-DEFENSES ?= none,meca,a-abl,abl,lfd
+DEFENSES ?= none,meca,a-abl,abl,lfd,abm,bsd
 ATTACKS ?= badnets,blend,sig,trojan,wanet,none
 benchmark-cpu: $(VENV)/.installed
 	$(VENV)/bin/unpoison benchmark --protocol cpu --defenses $(DEFENSES) --attacks $(ATTACKS) --data $(CIFAR10)

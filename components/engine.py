@@ -68,6 +68,22 @@ def machine_threads() -> int:
     return cores
 
 
+def machine() -> str:
+    """This machine in words, as the benchmark records it: CPU model, cores, GPU model (or "no GPU")."""
+    import platform
+
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+
+
 def use_machine_threads() -> None:
     """Intra-op threads = the cores this process may use (CPU training and scoring are compute-bound)."""
     if torch.get_num_threads() != machine_threads():
@@ -109,7 +125,7 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+def optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     # fused: one kernel updates every parameter (CPU and CUDA), instead of a few small ops per parameter tensor
     if p.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, fused=True)
@@ -129,7 +145,7 @@ def _schedule(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def _autocast(device: torch.device, p: TrainParams):
+def autocast(device: torch.device, p: TrainParams):
     # bf16 autocast on CUDA only: CPUs without AMX run bf16 convolutions slower than fp32.
     if device.type == "cuda" and p.bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -207,7 +223,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
     w_all = weights.to(device, torch.float32) if weights is not None else None
     n = len(y_all)
     steps = math.ceil(n / p.batch_size)
-    opt = _optimizer(model, p)
+    opt = optimizer(model, p)
     sched = _schedule(opt, p, steps)
     gen = torch.Generator().manual_seed(p.seed)
     generators = _generators(gen, perturb)
@@ -231,7 +247,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: Train
             if p.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_all[idx]
-            with _autocast(device, p):
+            with autocast(device, p):
                 if perturb is not None:
                     xb = perturb(forward, xb, yb)
                 if batch_loss is not None:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from components import artifacts, engine, metrics, scores
-from components.artifacts import ROUNDS_SCHEMA, SAMPLE_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
+from components.artifacts import (EPOCH_POOLS_SCHEMA, ROUNDS_SCHEMA, SAMPLE_SCHEMA, SCORE_SCHEMA,
+                                  SPLIT_SCHEMA)
 
 def model_metrics(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, trig_x: torch.Tensor,
                   trig_target: np.ndarray, target: int) -> dict:
@@ -40,7 +41,8 @@ def robust_accuracy(model_dir: Path, test_x: torch.Tensor, test_y: np.ndarray, *
 
 def score_metrics(score_table: Path, is_poison: np.ndarray, directions: dict[str, int]) -> dict:
     """AUROC of every score against ground truth, on its poison-like side (`directions`: -1 = a low score means
-    poison-like, as the defense declares it; +1 otherwise)."""
+    poison-like, as the defense declares it; +1 otherwise). A score that leaves some samples NaN (BSD's OSS distance
+    scores the target-label samples only) is measured on the samples it scores."""
     table = artifacts.read_table(score_table, SCORE_SCHEMA)
     out = {}
     for col in table:
@@ -48,8 +50,13 @@ def score_metrics(score_table: Path, is_poison: np.ndarray, directions: dict[str
             continue
         direction = directions.get(col, 1)
         values = table[col].astype(float)
-        out[col] = {"auroc": metrics.auroc(direction * values, is_poison[table["sample_id"]]),
-                    "clean_mean": float(values[~is_poison].mean()), "poison_mean": float(values[is_poison].mean())}
+        scored = ~np.isnan(values)
+        poison = is_poison[table["sample_id"]]
+        values, poison = values[scored], poison[scored]
+        out[col] = {"auroc": metrics.auroc(direction * values, poison),
+                    "clean_mean": float(values[~poison].mean()) if (~poison).any() else float("nan"),
+                    "poison_mean": float(values[poison].mean()) if poison.any() else float("nan"),
+                    **({"scored": int(scored.sum())} if not scored.all() else {})}
     return out
 
 
@@ -95,5 +102,28 @@ def round_metrics(rounds: Path, samples: dict, target: int | None = None) -> lis
             rec["clean_target_fitted"] = float(fitted[clean_target].mean()) if clean_target.any() else float("nan")
         if not np.isnan(kl).all():
             rec["kl_auroc"] = metrics.auroc(-kl, poison)
+        out.append(rec)
+    return out
+
+
+def epoch_pool_metrics(pools: Path, samples: dict | None, target: int | None = None) -> list[dict]:
+    """A training's pools epoch by epoch (BSD's final training): the clean (labelled) pool's size and, with ground
+    truth, its poison count and rate, the poison share of the other pool, the share of all poison it holds (recall),
+    and the clean samples of the target class in the clean pool."""
+    table = artifacts.read_table(pools, EPOCH_POOLS_SCHEMA)
+    out = []
+    for epoch in np.unique(table["epoch"]):
+        sel = table["epoch"] == epoch
+        clean = table["clean"][sel]
+        rec = {"epoch": int(epoch), "clean": int(clean.sum()), "suspect": int((~clean).sum())}
+        if samples is not None:
+            ids = table["sample_id"][sel]
+            poison = samples["is_poison"][ids]
+            rec.update(clean_poison=int((clean & poison).sum()),
+                       clean_poison_rate=float(poison[clean].mean()) if clean.any() else float("nan"),
+                       suspect_poison_rate=float(poison[~clean].mean()) if (~clean).any() else float("nan"),
+                       poison_recall=float((~clean & poison).sum() / poison.sum()) if poison.any() else float("nan"))
+            if target is not None:
+                rec["clean_target"] = int((clean & ~poison & (samples["true_label"][ids] == target)).sum())
         out.append(rec)
     return out

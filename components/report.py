@@ -16,7 +16,10 @@ import numpy as np  # noqa: E402
 
 
 def score_histogram(values: np.ndarray, is_poison: np.ndarray | None, name: str, path: Path) -> None:
-    """The score's distribution, clean and poisoned apart when ground truth is known (MeCa's Fig. 4)."""
+    """The score's distribution, clean and poisoned apart when ground truth is known (MeCa's Fig. 4). Samples the
+    score leaves NaN (it scores part of the set, as BSD's OSS distance) are left out."""
+    scored = ~np.isnan(np.asarray(values, dtype=np.float64))
+    values, is_poison = values[scored], (is_poison[scored] if is_poison is not None else None)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     finite = values[np.isfinite(values)]
     bins = np.histogram_bin_edges(finite, bins=50) if len(finite) else 10
@@ -24,8 +27,9 @@ def score_histogram(values: np.ndarray, is_poison: np.ndarray | None, name: str,
         ax.hist(values, bins=bins, alpha=0.8, label="all samples")
         ax.set_ylabel("samples")
     else:
-        ax.hist(values[~is_poison], bins=bins, alpha=0.6, label="clean", density=True)
-        ax.hist(values[is_poison], bins=bins, alpha=0.6, label="poisoned", density=True)
+        for part, label in ((~is_poison, "clean"), (is_poison, "poisoned")):
+            if part.any():
+                ax.hist(values[part], bins=bins, alpha=0.6, label=label, density=True)
         ax.set_ylabel("density")
     if len(finite) and np.histogram(finite, bins=bins)[0].max() > len(finite) / 2:
         ax.set_yscale("log")  # most of the mass in one bin (LfD's weights, a saturated loss): show the tails
@@ -52,6 +56,27 @@ def curves(histories: dict[str, list[dict]], path: Path, starts: dict[str, int] 
     ax.set_title("clean ACC and ASR per epoch (monitor: first test images)")
     ax.set_ylim(-0.02, 1.02)  # a curve at 0 or 1 stays visible
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def poison_examples(clean: np.ndarray, poisoned: np.ndarray, true_label: np.ndarray, label: np.ndarray,
+                    classes, path: Path) -> None:
+    """A few poisoned training images (bottom row, captioned with the label they were delivered with) under their
+    clean originals (top row, true label): what the attack did to the data. uint8 (n, H, W, C) each, n >= 1."""
+    n = len(clean)
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n + 0.4, 3.0), squeeze=False)
+    for j in range(n):
+        for row, (img, lab) in enumerate(((clean[j], true_label[j]), (poisoned[j], label[j]))):
+            ax = axes[row][j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_title(str(classes[lab]), fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][0].set_ylabel("clean", fontsize=8)
+    axes[1][0].set_ylabel("poisoned", fontsize=8)
+    fig.suptitle("poisoned training images and their clean originals (captions: labels)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -142,6 +167,28 @@ def markdown(m: dict, plots: list[str]) -> str:
                          f"{_fmt(r.get('fit_unlearned', '-'))} | {r['poison_fitted']:.3f} | {r['clean_fitted']:.3f} | "
                          f"{_fmt(r.get('clean_target_fitted', '-'))} | {r['unlearned']} | {r['poison_unlearned']} | "
                          f"{r.get('poison_kept', '-')} | {_fmt(r.get('kl_auroc', '-'))} |")
+    if m.get("target_estimate"):
+        t = m["target_estimate"]
+        verdict = {True: "right", False: "wrong", None: "not checked: the real target is unknown"}[t["correct"]]
+        lines += ["", "## Target estimate", "",
+                  f"Estimated target class {t['estimate']}, real {_fmt(t['real'])}: {verdict}."
+                  + (f" The defense used class {t['used']} (forced)." if t["used"] != t["estimate"] else "")]
+    if m.get("epoch_pools"):
+        truth = "clean_poison" in m["epoch_pools"][0]
+        lines += ["", "## Pools per epoch", "",
+                  "The clean pool is labelled in that epoch's training, the rest unlabelled."
+                  + (" Poison rate: the poisoned share of a pool; recall: the share of all poison outside the clean "
+                     "pool." if truth else ""), ""]
+        if truth:
+            lines += ["| epoch | clean pool | suspect pool | poison in clean pool | poison rate of clean pool | "
+                      "poison rate of suspect pool | poison recall | clean target-class samples in clean pool |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['epoch']} | {r['clean']} | {r['suspect']} | {r['clean_poison']} | "
+                      f"{_fmt(r['clean_poison_rate'])} | {_fmt(r['suspect_poison_rate'])} | {_fmt(r['poison_recall'])} | "
+                      f"{r.get('clean_target', '-')} |" for r in m["epoch_pools"]]
+        else:
+            lines += ["| epoch | clean pool | suspect pool |", "| --- | --- | --- |"]
+            lines += [f"| {r['epoch']} | {r['clean']} | {r['suspect']} |" for r in m["epoch_pools"]]
     if m.get("stages"):
         lines += ["", "## Stages", "", "| stage | seconds | samples/s |", "| --- | --- | --- |"]
         for name, s in m["stages"].items():

@@ -27,6 +27,7 @@ from components.params import AttackParams, TrainParams
 
 TOP_SUSPECTS = 64  # the most suspicious samples whose labels point at a likely target (and fill the grid's left panel)
 MONITOR_SIZE = 2000  # test images used for the per-epoch ACC/ASR curves (the final figures use the whole test set)
+POISON_EXAMPLES = 8  # poisoned training images the report shows beside their clean originals
 
 
 def tensors(ds: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,15 +80,16 @@ def write_split(clean: np.ndarray, path: Path, relabel: np.ndarray | None = None
 
 def recorded(stage: str, fn, out, *args, **kwargs) -> dict:
     """Run stage function `fn` into folder `out`, then write and return out/stage.json: the stage's result, its wall
-    time and a unique execution id (so that a result served from a cache can be traced to the execution that made
-    it). Then remove the checkpoints of its trainings (out/checkpoints/, components/checkpoint.py): the outputs are
-    complete. (A stage resumed from checkpoints records the wall time of its last attempt only.)"""
+    time, the machine it ran on and a unique execution id (so that a result served from a cache can be traced to the
+    execution that made it). Then remove the checkpoints of its trainings (out/checkpoints/, components/checkpoint.py):
+    the outputs are complete. (A stage resumed from checkpoints records the wall time of its last attempt only.)"""
     out = Path(out)
     t0 = time.perf_counter()
     result = fn(*args, out=out, **kwargs)
     seconds = time.perf_counter() - t0
     record = {"stage": stage, "result": result, "seconds": seconds, "execution_id": uuid.uuid4().hex,
-              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": engine.machine()}  # where it ran: a KFP run's stages run on nodes of their own
     artifacts.write_json(record, out / "stage.json")
     checkpoint.discard(out)
     return record
@@ -237,6 +239,25 @@ def curve_starts(models: dict[str, str], at) -> dict[str, int]:
     return {name: start(name) for name in models}
 
 
+def poison_examples(data: str, data_dir: Path, train_set: ImageSet, table: dict, path: Path) -> bool:
+    """The first POISON_EXAMPLES poisoned training samples beside their clean originals (report.poison_examples), when
+    the clean training split of `data` is the one the data stage poisoned (its content hash is the recorded
+    clean_hash); False, and no picture, when there is nothing to show."""
+    from components import report
+
+    idx = np.flatnonzero(table["is_poison"])[:POISON_EXAMPLES]
+    info = Path(data_dir) / "dataset.json"
+    clean_hash = artifacts.read_json(info).get("clean_hash") if info.exists() else None
+    if len(idx) == 0 or clean_hash is None:  # nothing poisoned, or a data set as delivered: no clean originals
+        return False
+    clean = _clean_train(data, len(train_set))
+    if len(clean) != len(train_set) or clean.content_hash != clean_hash:
+        return False
+    report.poison_examples(clean.images[idx], train_set.images[idx], table["true_label"][idx], train_set.labels[idx],
+                           train_set.classes, path)
+    return True
+
+
 def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dict | None = None,
              info: dict | None = None) -> dict:
     """Evaluation of a defense run as its declaration's `spec` (components.defenses.base.Evaluation) names it:
@@ -264,6 +285,8 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
          "poison_samples": int(table["is_poison"].sum()) if table is not None else None,
          "ground_truth": table is not None, "defended": spec["defended"], "models": {}, "scores": {}, "splits": {}}
     plots = []
+    if table is not None and poison_examples(data, Path(dirs["data"]), train_set, table, out / "plots" / "poison_examples.png"):
+        plots.append("plots/poison_examples.png")
     if has_test_split(data):
         test = load_images(data, "test")
         trig, target = atk.test_inputs(test)
@@ -311,6 +334,15 @@ def evaluate(out: Path, *, data: str, dirs: dict[str, Path], spec: dict, ra: dic
                        for name, ref in spec["splits"].items()}
         if spec["rounds"] is not None:
             m["rounds"] = evaluation.round_metrics(at(spec["rounds"]), table, atk.target)
+    if spec.get("epoch_pools"):  # a training that re-partitions every epoch (BSD): its pools, epoch by epoch
+        m["epoch_pools"] = evaluation.epoch_pool_metrics(at(spec["epoch_pools"]), table, atk.target)
+    if spec.get("target_estimate"):  # the defense's estimate of the attack target against the real one
+        est = artifacts.read_json(at(spec["target_estimate"]))
+        poison_labels = table["label"][table["is_poison"]] if table is not None else np.zeros(0, np.int64)
+        real = (atk.target if m["attack"]["name"] != "none" else
+                int(np.bincount(poison_labels).argmax()) if len(poison_labels) else None)
+        m["target_estimate"] = {"estimate": est.get("estimate", est["target"]), "used": est["target"], "real": real,
+                                "correct": None if real is None else est.get("estimate", est["target"]) == real}
     if spec["detection"] is not None:
         pool = artifacts.read_table(at(spec["splits"][spec["detection"]]), SPLIT_SCHEMA)["pool"]
         flagged = pool != "clean"

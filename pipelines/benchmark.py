@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from datetime import date
 from pathlib import Path
 
@@ -47,18 +46,9 @@ def warmup_is_nodef(defense: str, cfg) -> bool:
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
+    from components.engine import machine
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+    return machine()
 
 
 def records_from_run(m: dict, run: str, include_none: bool, variant: dict | None = None) -> list[dict]:
@@ -159,8 +149,19 @@ def table(records: list[dict]) -> str:
 
 
 def main(args) -> None:
+    """The matrix: here, one run after another (`--engine local`), or the matrix pipeline under kfp.local or on a
+    cluster (pipelines/matrix.py). Attacks x rates (`matrix.settings`): a setting other than the protocol's attack
+    is a variant, its label the change (unless --variant names the held-out setting)."""
+    from pipelines import matrix_results as matrix
+
+    if not args.data and not getattr(args, "fetch", None):
+        raise UnpoisonError("pass --data: the CIFAR-10 set to run the matrix on (sample, a folder, "
+                            "s3://bucket/prefix/)")
+    if getattr(args, "engine", "local") != "local" or getattr(args, "fetch", None):
+        from pipelines.matrix import main as kfp_matrix
+
+        return kfp_matrix(args)
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     for d in defenses:
         get(d)  # an unknown defense fails before any run, naming the registry
     args.out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +172,17 @@ def main(args) -> None:
         if not args.set:
             raise UnpoisonError(f"--variant {args.variant} names a held-out setting: give it with --set KEY=VALUE ...")
         variant = {"variant": args.variant, "settings": parse_overrides(args.set)}
-    for attack in attacks:
-        cfg = load_config(args.protocol, parse_overrides(args.set, **{"attack.name": attack, "data": args.data}), args.config)
+    overrides = parse_overrides(args.set, data=args.data)
+    cells = matrix.settings(args.protocol, matrix.parse_attacks(args.attacks),
+                            matrix.parse_rates(getattr(args, "rates", None)), overrides, args.config)
+    done = []
+    for cell in cells:
+        tag = cell["variant"].replace("=", "").replace(",", "-")  # the run folder's name
+        attack = cell["attack"]["name"] + (f"-{tag}" if tag and not args.variant else "")
+        cfg = load_config(args.protocol, {**overrides, "attack.name": cell["attack"]["name"]}, args.config)
+        cfg = cfg.model_copy(update={"attack": type(cfg.attack)(**cell["attack"])})
+        if not args.variant:
+            variant = {"variant": cell["variant"], "settings": cell["settings"]} if cell["variant"] else None
         sharer = next((d for d in defenses if d != "none" and warmup_is_nodef(d, cfg)), None) if "none" in defenses else None
         runs = [d for d in defenses if not (d == "none" and sharer)]
         for defense in runs:
@@ -181,6 +191,7 @@ def main(args) -> None:
                                 name=f"{defense}-{attack}{label}-{args.protocol}-{date.today():%Y%m%d}-{os.getpid()}")
             m = artifacts.read_json(run_dir / "metrics.json")
             new = records_from_run(m, run_dir.name, include_none=defense == sharer, variant=variant)
+            done += new
             records = merge(path, new)
             artifacts.write_json(records, path)
             with artifacts.atomic_path(path.with_suffix(".md")) as tmp:
@@ -189,4 +200,9 @@ def main(args) -> None:
                 asr = "-" if r["asr"] is None else f"{r['asr']:.4f}"
                 print(f"{r['attack']:<8} {args.variant or ''} {r['defense']:<6} ACC {r['acc']:.4f} ASR {asr} target ACC {r['target_acc']:.4f} "
                       f"wall {r['wall_seconds']:.0f} s", flush=True)
-    print(f"results: {path}")
+    records = merge(path, [])
+    files = matrix.write_results(records, args.out, path.stem, title=f"{args.protocol} reference protocol")
+    runs = {r["run"] for r in done}  # this command's cells, with the DER their file's `none` records give them
+    matrix.log_mlflow([r for r in records if r["run"] in runs], list(files.values()),
+                      f"matrix-{args.protocol}-{date.today():%Y%m%d}-{os.getpid()}", uri=uri)
+    print(f"results: {path} (table {path.with_suffix('.md')}, plot {path.with_suffix('.png')})")

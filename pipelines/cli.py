@@ -212,8 +212,33 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("benchmark", help="run a protocol for defenses x attacks and write benchmarks/results")
     b.add_argument("--defenses", default="none,meca")
     b.add_argument("--attacks", default="badnets,blend,sig,wanet",
-                   help="comma-separated attacks; 'none' measures each defense on the clean data set")
-    b.add_argument("--data", required=True, help="the full CIFAR-10 set (the CPU protocol takes shard 0)")
+                   help="comma-separated attacks, each NAME or NAME:KEY=VALUE:... with its params (e.g. "
+                        "blend:alpha=0.1); 'none' measures each defense on the clean data set (--engine local)")
+    b.add_argument("--rates", help="comma-separated poison rates, e.g. 0.01,0.05,0.1: every attack at each "
+                                   "(default: the protocol's); a rate not the protocol's is a variant (rate=0.1)")
+    b.add_argument("--data", help="the full CIFAR-10 set (the CPU protocol takes shard 0); with --engine kfp, as "
+                                  "the pods see it: sample or s3://bucket/prefix/")
+    b.add_argument("--engine", choices=["local", "kfp-local", "kfp"], default="local",
+                   help="local: one run after another in this process; kfp-local: the matrix pipeline under "
+                        "kfp.local (outputs under <runs>/kfp-local); kfp: the matrix pipeline submitted to --host")
+    b.add_argument("--parallelism", type=int, default=0,
+                   help="kfp-local, kfp: the most attack settings (attack x rate) in flight at once, each running "
+                        "its defenses side by side; caps the GPUs the matrix takes (default 0: no cap)")
+    b.add_argument("--host", help="--engine kfp: the KFP API endpoint, e.g. http://localhost:8080")
+    b.add_argument("--experiment", default="unpoison", help="--engine kfp: the KFP experiment")
+    b.add_argument("--name", help="--engine kfp: the run name")
+    b.add_argument("--wait", action="store_true", help="--engine kfp: wait for the run to finish, then merge its "
+                                                       "results from MLflow (--mlflow-uri) into --out")
+    b.add_argument("--timeout", type=int, default=7 * 24 * 3600, help="--wait's limit in seconds")
+    b.add_argument("--fetch", metavar="KFP_RUN_ID", help="merge the results of a finished matrix run into --out, "
+                                                        "from MLflow (--mlflow-uri); nothing runs")
+    b.add_argument("--mlflow-uri", help="--engine kfp: the MLflow server the pods track to (default: "
+                                        "$MLFLOW_TRACKING_URI), where --wait and --fetch read the results")
+    b.add_argument("--service-account", help="--engine kfp: Kubernetes service account of the pipeline pods")
+    b.add_argument("--data-hash", help="--engine kfp: fingerprint of --data for the cache key, when this machine "
+                                       "cannot read --data")
+    b.add_argument("--no-cache", action="store_true", help="kfp-local, kfp: execute every task")
+    image_args(b, " (--engine kfp)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     b.add_argument("--runs", type=Path, default=Path("runs/benchmark"))
     b.add_argument("--variant", metavar="NAME",

@@ -167,6 +167,24 @@ def _slots(outputs: dict, names) -> dict:
     return {"upstream": names, **{f"in{i}": outputs[n] for i, n in enumerate(names)}}
 
 
+def stage_task(d: Defense, st, p: dict, outputs: dict, delivered: bool, name: str | None = None) -> dsl.PipelineTask:
+    """The task of a declared stage after the data stage, its GPU or CPU settings applied: it binds the configuration
+    keys the stage reads (from the parameters `p`) and the upstream outputs it reads (`outputs`: stage name, `truth`
+    -> task output). `name` names the task (default: the stage's name); the matrix pipeline (pipelines/matrix.py)
+    prefixes the defense."""
+    keys = (*st.reads, *(["data"] if st.monitor else []))
+    upstream = [d.plan(delivered)[0].name if u == DATA else u for u in st.upstream]
+    if st.name == "evaluate":
+        upstream.insert(1, "truth")
+        comp = c.evaluate if name is None else _named(c.evaluate, name, c.evaluate.component_spec.description)
+        return on_gpu(comp(defense=d.name, delivered=delivered, **_config_args(d, p, keys),
+                           **_slots(outputs, upstream)))
+    comp = c.stage_model if st.kind == "model" else c.stage_dataset
+    task = _named(comp, name or st.name, (st.fn.__doc__ or st.name).split(".")[0])(
+        defense=d.name, stage=st.name, delivered=delivered, **_config_args(d, p, keys), **_slots(outputs, upstream))
+    return (on_gpu if st.gpu else on_cpu)(task)
+
+
 def build(defense: str, *, delivered: bool = False, execute: list[str] | None = None,
           imported: dict[str, str] | None = None, image: str | None = None):
     """The defense's KFP pipeline, built from its declaration. For a rerun, `execute` names the stages that run and
@@ -219,21 +237,9 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
                 tasks.append(task)
                 outputs[st.name], outputs["truth"] = task.outputs["dataset"], task.outputs["truth"]
                 continue
-            keys = (*st.reads, *(["data"] if st.monitor else []))
-            upstream = [data_name if u == DATA else u for u in st.upstream]
-            if st.name == "evaluate":
-                upstream.insert(1, "truth")
-                task = on_gpu(c.evaluate(defense=defense, delivered=delivered, **_config_args(d, p, keys),
-                                         **_slots(outputs, upstream)))
-                tasks.append(task)
-                outputs[st.name] = task.outputs["metrics"]
-                continue
-            comp = c.stage_model if st.kind == "model" else c.stage_dataset
-            task = _named(comp, st.name, (st.fn.__doc__ or st.name).split(".")[0])(
-                defense=defense, stage=st.name, delivered=delivered, **_config_args(d, p, keys),
-                **_slots(outputs, upstream))
-            tasks.append((on_gpu if st.gpu else on_cpu)(task))
-            outputs[st.name] = task.outputs["out"]
+            task = stage_task(d, st, p, outputs, delivered)
+            tasks.append(task)
+            outputs[st.name] = task.outputs["metrics" if st.name == "evaluate" else "out"]
         for task in tasks[1:]:  # every stage waits for its MLflow parent run (an ordering, not a cache-key input)
             task.after(start)
         recorded = [s.name for s in plan if s.name in outputs] + ["truth"]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 import urllib3
 from minio import Minio
@@ -178,10 +179,23 @@ def s3_bucket(s3_server) -> str:
 # `make test-fast` (pytest -m "not slow") leaves out what runs a pipeline, a server or an external checker: whole
 # modules of them, and every test that uses a fixture which runs one. `make test` (CI) runs everything.
 SLOW_MODULES = {"test_pipeline_e2e", "test_kfp", "test_mlflow_server", "test_performance_benchmark"}
-SLOW_FIXTURES = {"s3_server", "meca_run", "aabl_run", "abl_run", "lfd_run", "abm_run", "kfp_runs", "toy"}
+SLOW_FIXTURES = {"s3_server", "meca_run", "aabl_run", "abl_run", "lfd_run", "abm_run", "bsd_run", "kfp_runs", "toy"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    """A small synthetic training set for the attack tests: 200 random uint8 images (32 x 32 x 3), 10 classes of 20
+    (so a clean-label attack at rate 0.05, 10 samples, fits in the target class), labels shuffled with seed 123."""
+    from components.data import ImageSet
+
+    rng = np.random.default_rng(123)
+    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(10), 20).astype(np.int64)
+    rng.shuffle(labels)
+    return ImageSet(images, labels, tuple(f"c{i}" for i in range(10)))

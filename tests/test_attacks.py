@@ -10,22 +10,15 @@ import torch
 from components.attacks import ATTACKS, BadNets, Blend, WaNet, attack_from_spec, build_attack
 
 INJECTING = {n: a for n, a in ATTACKS.items() if n != "none"}  # "none" is the data set as delivered
-OTHER_TRAIN_TRIGGER = {"adaptive_blend", "adaptive_patch"}  # poisoned in training with another trigger than at test
-SOURCE_SPECIFIC = {"tact"}  # poisons and measures ASR on one source class only (tests/test_attacks_more.py)
+OTHER_TRAIN_TRIGGER = {"adaptive_blend", "adaptive_patch", "refool", "physical_ba", "cba", "hybrid"}  # poisoned in training
+# with another trigger than at test (or per-image triggers)
+SOURCE_SPECIFIC = {"tact", "cba"}  # poisons and measures ASR on given source classes only (tests/test_attacks_more.py, _extra.py)
+TRAINED = {"adaptive_pgd"}  # optimises its trigger while it poisons: no trigger before (tests/test_attacks_extra.py)
 from components.data import ImageSet
 from components.errors import UnpoisonError
 
-N, H, W, C, K = 200, 32, 32, 3, 10
+N, H, W, C, K = 200, 32, 32, 3, 10  # the shape of the `ds` fixture (tests/conftest.py)
 RATE, TARGET = 0.05, 0
-
-
-@pytest.fixture(scope="module")
-def ds() -> ImageSet:
-    rng = np.random.default_rng(123)
-    images = rng.integers(0, 256, (N, H, W, C), dtype=np.uint8)
-    labels = np.repeat(np.arange(K), N // K).astype(np.int64)  # 20 per class, so SIG at rate 0.05 (10 samples) fits
-    rng.shuffle(labels)
-    return ImageSet(images, labels, tuple(f"c{i}" for i in range(K)))
 
 
 def make(name: str, seed: int = 1, **params):
@@ -189,6 +182,8 @@ def test_determinism(ds, name):
 @pytest.mark.parametrize("name", sorted(INJECTING))
 def test_spec_round_trip(ds, name):
     attack = make(name, seed=3)
+    if name in TRAINED:
+        attack.poison(ds)
     spec = json.loads(json.dumps(attack.spec()))
     assert spec["name"] == name and spec["target"] == TARGET and spec["rate"] == RATE and spec["seed"] == 3
     again = attack_from_spec(spec)
@@ -207,6 +202,8 @@ def test_spec_keeps_params():
 @pytest.mark.parametrize("name", sorted(set(INJECTING) - SOURCE_SPECIFIC))
 def test_test_inputs_exclude_target(ds, name):
     attack = make(name)
+    if name in TRAINED:
+        attack.poison(ds)
     images, labels = attack.test_inputs(ds)
     keep = ds.labels != TARGET
     assert len(images) == len(labels) == keep.sum()
@@ -246,7 +243,8 @@ def test_bad_rate_and_target(kwargs, message):
 
 
 def test_unknown_attack_lists_choices():
-    with pytest.raises(UnpoisonError, match=r"unknown attack 'badnet'; choose one of: none, badnets, blend, sig, trojan, wanet, bpp, tact, adaptive_blend, adaptive_patch"):
+    with pytest.raises(UnpoisonError, match=r"unknown attack 'badnet'; choose one of: none, badnets, blend, sig, trojan, wanet, bpp, tact, adaptive_blend, adaptive_patch, "
+                                     r"refool, physical_ba, cba, adaptive_pgd, hybrid"):
         make("badnet")
 
 

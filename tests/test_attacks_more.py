@@ -8,20 +8,10 @@ import pytest
 import torch
 
 from components.attacks import build_attack
-from components.data import ImageSet
 from components.errors import UnpoisonError
 
-N, H, W, C, K = 200, 32, 32, 3, 10
+N, H, W, C, K = 200, 32, 32, 3, 10  # the shape of the `ds` fixture (tests/conftest.py)
 RATE, TARGET = 0.05, 0
-
-
-@pytest.fixture(scope="module")
-def ds() -> ImageSet:
-    rng = np.random.default_rng(123)
-    images = rng.integers(0, 256, (N, H, W, C), dtype=np.uint8)
-    labels = np.repeat(np.arange(K), N // K).astype(np.int64)
-    rng.shuffle(labels)
-    return ImageSet(images, labels, tuple(f"c{i}" for i in range(K)))
 
 
 def make(name: str, seed: int = 1, rate: float = RATE, **params):

@@ -5,20 +5,27 @@ from __future__ import annotations
 from ..errors import UnpoisonError
 from .adaptive_blend import AdaptiveBlend
 from .adaptive_patch import AdaptivePatch
+from .adaptive_pgd import AdaptivePGD
 from .badnets import BadNets
 from .base import Attack, Poisoned, StaticTrigger
 from .blend import Blend
 from .bpp import Bpp
+from .cba import CBA
+from .hybrid import Hybrid
 from .none import NoAttack
+from .physical_ba import PhysicalBA
+from .refool import Refool
 from .sig import SIG
 from .tact import TaCT
 from .trojan import Trojan
 from .wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (NoAttack, BadNets, Blend, SIG, Trojan, WaNet, Bpp, TaCT, AdaptiveBlend, AdaptivePatch)}
+ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (NoAttack, BadNets, Blend, SIG, Trojan, WaNet, Bpp, TaCT, AdaptiveBlend, AdaptivePatch,
+                                                        Refool, PhysicalBA, CBA, AdaptivePGD, Hybrid)}
 
-__all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "NoAttack", "Poisoned", "SIG", "StaticTrigger",
-           "TaCT", "Trojan", "WaNet", "attack_from_spec", "build_attack", "describe"]
+__all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePGD", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "CBA", "Hybrid", "NoAttack",
+           "PhysicalBA", "Poisoned", "Refool", "SIG", "StaticTrigger", "TaCT", "Trojan", "WaNet", "attack_from_spec", "build_attack",
+           "describe"]
 
 
 def build_attack(name: str, *, target: int, rate: float, seed: int, num_classes: int, **params) -> Attack:

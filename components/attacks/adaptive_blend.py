@@ -1,14 +1,14 @@
 """Adaptive-Blend (Qi et al., "Revisiting the Assumption of Latent Separability for Backdoor Defenses", ICLR 2023), as
 backdoor-toolbox implements it (`poison_tool_box/adaptive_blend.py`).
 
-Dirty label, with cover samples. The blend pattern p (as Blend: uniform noise from `pattern_seed`, or the image file
-`pattern_path`; the paper blends the Hello Kitty picture) is cut into `pieces` (default 16, a 4 x 4 grid) equal
-squares; every training image, poison or cover, gets its own random choice of round(mask_rate * pieces) pieces
-(mask_rate 0.5) masked out and the rest blended at `alpha` (0.2): x' = x + alpha * m * (p - x). Poison samples are
-relabelled to the target; round(cover_rate * N) further samples (cover_rate 0.01, any class, disjoint from the
-poison) keep their labels. At test time the whole pattern is blended at `test_alpha` (0.2). Defaults are
-backdoor-toolbox's (`poison_generator` and `poison_transform` signatures); the paper's CIFAR-10 runs use poison and
-cover rates of 0.003. The masks follow the poison seed; the pattern does not.
+Dirty label, with cover samples. The blend pattern p (as Blend: uniform noise from `pattern_seed`, or `picture`, a
+bundled picture such as `present`, which stands in for the paper's Hello Kitty, or an image file) is cut into `pieces`
+(default 16, a 4 x 4 grid) equal squares; every training image, poison or cover, gets its own random choice of
+round(mask_rate * pieces) pieces (mask_rate 0.5) masked out and the rest blended at `alpha` (0.2): x' = x + alpha * m
+* (p - x). Poison samples are relabelled to the target; round(cover_rate * N) further samples (cover_rate 0.01, any
+class, disjoint from the poison) keep their labels. At test time the whole pattern is blended at `test_alpha` (0.2).
+Defaults are backdoor-toolbox's (`poison_generator` and `poison_transform` signatures); the paper's CIFAR-10 runs use
+poison and cover rates of 0.003. The masks follow the poison seed; the pattern does not.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class AdaptiveBlend(Blend):
 
     name = "adaptive_blend"
     defaults = {"alpha": 0.2, "test_alpha": 0.2, "pieces": 16, "mask_rate": 0.5, "cover_rate": 0.01,
-                "pattern_seed": 0, "pattern_path": None}
+                "pattern_seed": 0, "picture": None, "pattern_path": None}
 
     def check(self) -> None:
         super().check()

@@ -119,6 +119,11 @@ class Attack:
         """The training trigger on uint8 images (N, H, W, C); the test trigger `apply` unless the attack trains on another."""
         return self.apply_uint8(images)
 
+    def poison_selected(self, ds: ImageSet, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The poisoned images of the selected samples ds[idx]: `poison_images` on them, unless the attack needs more
+        of the data set than their images (CBA mixes them with images of another class)."""
+        return self.poison_images(ds.images[idx], rng)
+
     def poison(self, ds: ImageSet) -> Poisoned:
         if self.target >= ds.num_classes:
             raise UnpoisonError(f"target class {self.target} does not exist in a data set of {ds.num_classes} classes; choose 0 to {ds.num_classes - 1}")
@@ -133,7 +138,7 @@ class Attack:
         rng = np.random.default_rng(self.seed)
         idx = np.sort(rng.choice(pool, size=k, replace=False))
         images, labels = ds.images.copy(), ds.labels.copy()
-        images[idx] = self.poison_images(ds.images[idx], rng)
+        images[idx] = self.poison_selected(ds, idx, rng)
         if not self.clean_label:
             labels[idx] = self.poison_labels(ds.labels[idx], ds.num_classes)
         is_poison = np.zeros(n, dtype=bool)

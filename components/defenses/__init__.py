@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib
 import os
 
-from components.defenses import aabl, abl, abm, lfd, meca, none
+from components.defenses import aabl, abl, abm, bsd, lfd, meca, none
 from components.defenses.base import Defense
 from components.errors import UnpoisonError
 
 REGISTRY: dict[str, Defense] = {d.name: d for d in (none.DEFENSE, meca.DEFENSE, aabl.DEFENSE, aabl.ADV_TRAIN, abl.DEFENSE,
-                                                 lfd.DEFENSE, abm.DEFENSE)}
+                                                 lfd.DEFENSE, abm.DEFENSE, bsd.DEFENSE)}
 
 
 def get(name: str) -> Defense:

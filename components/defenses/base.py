@@ -62,12 +62,15 @@ class Evaluation:
     detection: str | None = None  # the split whose non-clean pools are the defense's suspects
     suspicion: str | None = None  # the score column that ranks the suspects (suspects.parquet, the grid)
     rounds: str | None = None  # MeCa's per-round enhancement table
+    epoch_pools: str | None = None  # a training's pools per epoch (artifacts.EPOCH_POOLS_SCHEMA; BSD's final training)
+    target_estimate: str | None = None  # a JSON whose `target` is the defense's estimate of the attack target (BSD)
     robust: tuple[str, ...] = ()  # models that also get RA, robust accuracy under PGD
     ra: Callable[[Any], dict] | None = None  # RA's PGD {"eps", "step", "steps"} from the configuration
     reads: tuple[str, ...] = ()  # configuration keys `ra` reads
 
     def stages(self) -> tuple[str, ...]:
-        refs = [*self.models.values(), *self.scores, *self.splits.values(), *([self.rounds] if self.rounds else [])]
+        refs = [*self.models.values(), *self.scores, *self.splits.values(),
+                *(ref for ref in (self.rounds, self.epoch_pools, self.target_estimate) if ref)]
         return tuple(dict.fromkeys(ref.split("/", 1)[0] for ref in refs))
 
     def spec(self) -> dict:
@@ -75,7 +78,10 @@ class Evaluation:
         return {"models": dict(self.models), "defended": self.defended, "reference": self.reference,
                 "scores": list(self.scores), "directions": dict(self.directions), "splits": dict(self.splits),
                 "detection": self.detection, "suspicion": self.suspicion, "rounds": self.rounds,
-                "robust": list(self.robust)}
+                "robust": list(self.robust),
+                # only when set: the evaluation constants of the defenses without them stay as they were
+                **{k: v for k, v in (("epoch_pools", self.epoch_pools),
+                                     ("target_estimate", self.target_estimate)) if v}}
 
 
 @dataclass(frozen=True)
