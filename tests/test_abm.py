@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -104,6 +105,22 @@ def test_isolation_takes_the_least_obedient_up_to_the_cap():
     assert set(np.flatnonzero(iso)) == set(disobey[-5:])  # the lowest p(new class)
     assert abm.isolate(pred, prob, new_class, 0.9).sum() == len(disobey)  # never a sample sent to the new class
     assert abm.isolate(np.full(100, 10), prob, new_class, 0.01).sum() == 0
+
+
+def test_partition_says_when_the_defender_trigger_was_not_learned(tmp_path):
+    """A verification model that sends few samples to the new class isolates at random: the stage says so."""
+    (tmp_path / "v").mkdir()
+    artifacts.write_json({"new_class": 10, "weights_sha256": "0" * 64, "epochs": 1}, tmp_path / "v" / "model.json")
+    for obeying, noted in ((90, False), (30, True)):
+        pred = np.where(np.arange(100) < obeying, 10, 3).astype(np.float64)
+        columns = {"sample_id": np.arange(100), "trigger_pred": pred, "trigger_prob": 1 - np.arange(100) / 100,
+                   "model_ref": ["0" * 16] * 100, "epoch": np.ones(100, np.int64)}
+        schema = {**artifacts.SCORE_SCHEMA, "trigger_pred": pa.float64(), "trigger_prob": pa.float64()}
+        artifacts.write_table(columns, tmp_path / "scores.parquet", schema)
+        result = abm.partition_stage(tmp_path / "scores.parquet", tmp_path / "v", tmp_path / "p", params=AbmParams())
+        assert ("note" in result) is noted and result["suspect"] == 1
+        if noted:
+            assert "30.0%" in result["note"] and "abm.verification_epochs" in result["note"]
 
 
 def test_defender_subset_share_and_seed():

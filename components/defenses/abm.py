@@ -214,8 +214,15 @@ def partition_stage(score_table: Path, model: Path, out: Path, *, params: AbmPar
     new_class = artifacts.read_json(Path(model) / "model.json")["new_class"]
     isolated = isolate(cols["trigger_pred"].astype(int), cols["trigger_prob"], new_class, params.isolation_rate)
     stages.write_split(~isolated, Path(out) / "split.parquet")
-    return {"samples": len(isolated), "clean": int((~isolated).sum()), "suspect": int(isolated.sum()),
-            "disobeyed": int((cols["trigger_pred"].astype(int) != new_class).sum())}
+    disobeyed = int((cols["trigger_pred"].astype(int) != new_class).sum())
+    result = {"samples": len(isolated), "clean": int((~isolated).sum()), "suspect": int(isolated.sum()),
+              "disobeyed": disobeyed}
+    obeyed = 1 - disobeyed / len(isolated)
+    if obeyed < 0.5:  # ABM's premise: clean samples follow the defender trigger, poison does not (Algorithm 1)
+        result["note"] = (f"the verification model sends only {obeyed:.1%} of the set to the defender's class: it has "
+                          f"not learned the defender trigger, so the isolation is close to random; train it longer "
+                          f"(abm.verification_epochs) or weaken Eq. 2's activation term (abm.alpha)")
+    return result
 
 
 def student_train(dataset: Path, split: Path, teacher: Path, out: Path, *, params: TrainParams, model_name: str,
