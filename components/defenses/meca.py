@@ -54,8 +54,9 @@ class MecaParams(Strict):
     stop: Literal["rounds", "one_label"] = "one_label"
     stop_high: float = Field(0.9, gt=0, le=1)
     stop_low: float = Field(0.15, ge=0, lt=1)
-    # Identification (`identify`): `paper` is Algorithm 2, line 12; `per_label` (beyond the paper) returns to the clean
-    # pool the `label_keep` share of the over-fitted label that the warm-up model finds least poison-like, weighted
+    # Identification (`identify`): `paper` is Algorithm 2, line 12; `per_label` (beyond the paper, for a single-target
+    # attack) suspects only the over-fitted label and returns to the clean pool the `label_keep` share of its fitted
+    # samples that the warm-up and enhanced models find least poison-like, weighted
     # (`balance`) so that the label weighs in the pool as much as the median other label.
     identify: Literal["paper", "per_label"] = "per_label"
     label_keep: float = Field(0.2, ge=0, le=1)
@@ -166,11 +167,13 @@ def identify_clean(enhanced: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
     return ~fitted(enhanced, x, y)
 
 
-def over_fitted_label(fit: np.ndarray, labels: np.ndarray, params: MecaParams) -> int | None:
-    """The label the enhanced model over-fits (`concentrated` with the stopping rule's thresholds), None if none."""
+def over_fitted_label(fit: np.ndarray, labels: np.ndarray) -> int:
+    """The delivered label whose samples the enhanced model fits the largest share of: the label the enhancement
+    concentrated on (the stopping rule's test, `concentrated`, asks that it be the only one), where a single-target
+    attack puts all its poison."""
     by_label = [float(fit[labels == k].mean()) if (labels == k).any() else float("nan")
                 for k in range(int(labels.max()) + 1)]
-    return int(np.nanargmax(by_label)) if concentrated(by_label, params.stop_high, params.stop_low) else None
+    return int(np.nanargmax(by_label))
 
 
 def within_label_rank(values: np.ndarray) -> np.ndarray:
@@ -178,29 +181,34 @@ def within_label_rank(values: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(values, kind="stable"), kind="stable") / max(1, len(values) - 1)
 
 
-def identify(fit: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray,
+def identify(fit: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray, enhanced_loss: np.ndarray,
              params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
     """The clean pool (True = clean), each sample's weight in the final training and the over-fitted label.
 
     `paper`: Algorithm 2, line 12, clean = what the enhanced model does not fit, weight 1. `per_label` (beyond the
-    paper): where the enhanced model fits one label's samples and hardly any other's, line 12 throws that whole label
-    away, its clean samples with the poison, and the final model loses the class. Instead the `label_keep` share of
-    its fitted samples that the warm-up model finds least poison-like returns to the clean pool: the highest mean
-    rank, among them, of the warm-up KL (Eq. 3: poison is robust, low KL) and of the warm-up loss (poison is fitted,
-    low loss). With `balance` the returned samples weigh so that the label's weight in the pool equals the median
-    other label's clean count (never less than 1 each). Line 12 decides the rest, and every label when none is
-    over-fitted."""
-    clean = ~fit
-    label = over_fitted_label(fit, labels, params) if params.identify == "per_label" else None
+    paper) reads the enhanced model per delivered label, for a single-target attack (all poison carries one label):
+    line 12 on the label the enhanced model fits the largest share of (`over_fitted_label`) throws that whole label
+    away, its clean samples with the poison, and the final model loses the class; line 12 on the other labels throws
+    away clean samples the enhancement happened to leave fitted. So the other labels stay clean, and in the
+    over-fitted one the samples the enhanced model does not fit stay clean (line 12), and of those it fits, the
+    `label_keep` share least poison-like by three models' views return to the clean pool: the highest mean rank,
+    among them, of the warm-up KL (Eq. 3: poison is robust, low KL), the warm-up loss (poison is fitted early, low
+    loss) and the enhanced model's loss (it fits poison the most confidently). With `balance` the returned samples
+    weigh so that the label's weight in the pool equals the median other label's clean count (never less than 1
+    each)."""
+    if params.identify == "paper":
+        return ~fit, (~fit).astype(np.float64), None
+    label = over_fitted_label(fit, labels)
+    clean = (labels != label) | ~fit
+    members = np.flatnonzero(~clean)
+    back = members[:0]
+    if params.label_keep > 0 and len(members):
+        poison_unlike = (within_label_rank(kl[members]) + within_label_rank(loss[members])
+                         + within_label_rank(enhanced_loss[members])) / 3
+        back = members[poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)]
+        clean[back] = True
     weight = clean.astype(np.float64)
-    if label is None or params.label_keep == 0:
-        return clean, weight, label
-    members = np.flatnonzero((labels == label) & fit)
-    poison_unlike = (within_label_rank(kl[members]) + within_label_rank(loss[members])) / 2
-    back = members[poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)]
-    clean[back] = True
-    weight = clean.astype(np.float64)
-    if params.balance:
+    if params.balance and len(back):
         counts = np.bincount(labels[clean], minlength=int(labels.max()) + 1)
         missing = float(np.median(np.delete(counts, label))) - (counts[label] - len(back))
         weight[back] = max(1.0, missing / len(back))
@@ -284,13 +292,14 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
     if len(kl) != len(y):
         raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
                             f"rerun the score stage on this data set")
-    clean, weight, label = identify(fit, y.numpy(), kl, warm_loss, params)
+    clean, weight, label = identify(fit, y.numpy(), kl, warm_loss, loss, params)
     stages.write_scores(Path(out) / "scores.parquet", {"enhanced_loss": loss}, model, meta)
     stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
-    returned = int((clean & fit).sum())
+    # the over-fitted label's fitted samples returned to the clean pool
+    back = clean & fit & (y.numpy() == label) if label is not None else np.zeros(len(y), bool)
     return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum()),
-            "over_fitted_label": -1 if label is None else label, "returned": returned,
-            "returned_weight": float(weight[clean & fit].max()) if returned else 0.0}
+            "over_fitted_label": -1 if label is None else label, "returned": int(back.sum()),
+            "returned_weight": float(weight[back].max()) if back.any() else 0.0}
 
 
 def relabel_finetune(dataset: Path, split: Path, model: Path, out: Path, *, params: TrainParams,
