@@ -69,6 +69,10 @@ from pipelines import kfp_pipelines as kp
 from pipelines.matrix_results import merge_results, parse_attacks, parse_rates, settings, summary_line
 
 CELLS = "cells"  # the pipeline parameter: the attack settings the loop iterates over
+POLL_S = 10  # --wait: seconds between two looks at the run's state
+# --wait: the states a run ends in (kfp_server_api's V2beta1RuntimeState; kfp.Client.wait_for_run_completion knows
+# no CANCELED, and would wait for a cancelled run until its timeout)
+FINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "ERROR", "CANCELED"}
 
 
 # --- the pipeline --------------------------------------------------------------------------------------------------
@@ -265,6 +269,9 @@ def submit(args, defenses: list[str], cells: list[dict], cfg) -> None:
     if not args.host:
         raise UnpoisonError("--engine kfp submits the matrix to a cluster: pass --host, the KFP API endpoint, e.g. "
                             "http://localhost:8080")
+    if args.wait and not (args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise UnpoisonError("--wait merges the matrix's results from MLflow once the run ends: pass --mlflow-uri "
+                            "(the server the cluster's unpoison-mlflow Secret names) or set MLFLOW_TRACKING_URI")
     image = kp.stage_image(args.image, args.allow_tag)
     pipeline = build(defenses, cfg, cells, parallelism=args.parallelism, image=image)
     try:
@@ -288,10 +295,35 @@ def submit(args, defenses: list[str], cells: list[dict], cfg) -> None:
           ".parquet, results.png) and the MLflow run `matrix-<run id>`; with --wait (or later with --fetch RUN_ID) "
           "and an MLflow URI they are merged into --out")
     if args.wait:
-        done = client.wait_for_run_completion(run.run_id, timeout=args.timeout)
-        print(f"state: {done.state}")
-        if str(done.state).upper().endswith("SUCCEEDED") and (args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-            fetch(args, run.run_id)
+        state = wait(client, args.host, run.run_id, args.timeout)
+        print(f"state: {state}", flush=True)
+        if state != "SUCCEEDED":
+            raise UnpoisonError(f"KFP run {run.run_id} ended {state}: nothing merged into {args.out}; see its failed "
+                                f"task's logs at {args.host.rstrip('/')}/#/runs/details/{run.run_id}, fix, and run "
+                                f"the matrix again (its finished cells come from KFP's cache)")
+        fetch(args, run.run_id)
+
+
+def wait(client, host: str, run_id: str, timeout: float) -> str:
+    """The state a KFP run ends in (FINAL_STATES, upper case), looked at every POLL_S seconds for at most `timeout`
+    seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = str(client.get_run(run_id).state or "").upper()
+        except Exception as e:  # kfp raises urllib3 / kfp_server_api errors of many kinds
+            raise UnpoisonError(f"lost the KFP API at {host} while waiting for run {run_id} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160] if str(e) else ''}); the run goes on: once it has "
+                                f"finished, merge its results with --fetch {run_id}") from None
+        state = state.rsplit(".", 1)[-1]  # an enum's str (V2beta1RuntimeState.SUCCEEDED) or its value
+        if state in FINAL_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            raise UnpoisonError(f"KFP run {run_id} is still {state or 'not started'} after --timeout {timeout:g} s; "
+                                f"once it has finished, merge its results with --fetch {run_id}")
+        time.sleep(POLL_S)
 
 
 def fetch(args, kfp_run_id: str) -> None:
@@ -310,8 +342,24 @@ def fetch(args, kfp_run_id: str) -> None:
     if not runs:
         raise UnpoisonError(f"no matrix run of KFP run '{kfp_run_id}' in MLflow at {uri}; check the run id, that "
                             f"the run succeeded and that its pods track to this server")
-    local = Path(client.download_artifacts(runs[0].info.run_id, "results.json"))
+    done = [r for r in runs if r.info.status == "FINISHED"]  # newest first
+    if not done:
+        raise UnpoisonError(f"the matrix run of KFP run '{kfp_run_id}' in MLflow at {uri} is {runs[0].info.status}, "
+                            f"not FINISHED: its collect task did not end; wait for the KFP run to finish (or retry "
+                            f"it), then --fetch again")
+    try:
+        local = Path(client.download_artifacts(done[0].info.run_id, "results.json"))
+    except Exception as e:  # MlflowException, an object store's error, ...
+        raise UnpoisonError(f"cannot read results.json of the matrix run {done[0].info.run_id} (KFP run "
+                            f"'{kfp_run_id}') from MLflow at {uri} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''}); check that this machine reaches "
+                            f"the server's artifact store") from None
     new = artifacts.read_json(local)
+    protocols = sorted({r["protocol"] for r in new})
+    if protocols and protocols != [args.protocol]:
+        raise UnpoisonError(f"KFP run '{kfp_run_id}' ran protocol {', '.join(protocols)}, not --protocol "
+                            f"{args.protocol}: pass --protocol {protocols[0]} to merge into "
+                            f"{protocols[0]}-reference.json")
     path = merge_results(args.out, args.protocol, new)
     for r in new:
         print(summary_line(r), flush=True)

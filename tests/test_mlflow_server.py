@@ -8,10 +8,8 @@ import configparser
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,49 +18,8 @@ import pytest
 
 from components.config import load_config
 from components.store import Store
+from conftest import free_port, mlflow_serving
 from pipelines import local
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serving(proc: subprocess.Popen, port: int, root: Path, log):
-    """Wait until the server answers /health (unauthenticated, as the kubelet's probes), yield its URL, stop it."""
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(s3_server, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    Store.from_env().ensure_bucket("mlflow")
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts",
-         "--serve-artifacts", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-        env={**os.environ, **s3_server.env}, stdout=log, stderr=subprocess.STDOUT)
-    yield from _serving(proc, port, root, log)
 
 
 def test_pipeline_run_logged_to_mlflow_server_with_artifacts_on_s3(mlflow_server, tmp_path):
@@ -159,7 +116,7 @@ def auth_server(tmp_path_factory):
     """`mlflow server --app-name basic-auth` as the Deployment runs it (the image's auth settings, the admin password
     and the CSRF key from env), on a sqlite store with artifacts served from a local folder."""
     root = tmp_path_factory.mktemp("mlflow-auth-server")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
@@ -167,7 +124,7 @@ def auth_server(tmp_path_factory):
          "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
          "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
         env=_basic_auth_env(root, ADMIN_PASSWORD), stdout=log, stderr=subprocess.STDOUT)
-    yield from _serving(proc, port, root, log)
+    yield from mlflow_serving(proc, port, root, log)
 
 
 def test_basic_auth_refuses_requests_without_valid_credentials(auth_server):
@@ -224,7 +181,7 @@ def test_basic_auth_server_refuses_to_start_with_the_template_password(tmp_path)
     server rather than creating an admin whose password is in the repository."""
     res = subprocess.run(
         [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-         "--port", str(_free_port()), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+         "--port", str(free_port()), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
         env=_basic_auth_env(tmp_path, "REPLACE_ME"), capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "at least 12 characters" in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
