@@ -10,10 +10,12 @@ import torch
 from components.attacks import ATTACKS, BadNets, Blend, WaNet, attack_from_spec, build_attack
 
 INJECTING = {n: a for n, a in ATTACKS.items() if n != "none"}  # "none" is the data set as delivered
-OTHER_TRAIN_TRIGGER = {"adaptive_blend", "adaptive_patch", "refool", "physical_ba", "cba", "hybrid"}  # poisoned in training
+OTHER_TRAIN_TRIGGER = {"adaptive_blend", "adaptive_patch", "refool", "physical_ba", "cba", "hybrid", "lc", "narcissus"}  # poisoned in training
 # with another trigger than at test (or per-image triggers)
 SOURCE_SPECIFIC = {"tact", "cba"}  # poisons and measures ASR on given source classes only (tests/test_attacks_more.py, _extra.py)
-TRAINED = {"adaptive_pgd"}  # optimises its trigger while it poisons: no trigger before (tests/test_attacks_extra.py)
+TRAINED = {"adaptive_pgd", "narcissus"}  # optimises its trigger while it poisons: no trigger before (tests/test_attacks_extra.py,
+# tests/test_attacks_optimised.py)
+FAST = {"lc": {"epochs": 1}, "narcissus": {"epochs": 1, "warmup_epochs": 1, "rounds": 20}}  # attacks that train: tiny runs
 from components.data import ImageSet
 from components.errors import UnpoisonError
 
@@ -22,7 +24,7 @@ RATE, TARGET = 0.05, 0
 
 
 def make(name: str, seed: int = 1, **params):
-    return build_attack(name, target=TARGET, rate=RATE, seed=seed, num_classes=K, **params)
+    return build_attack(name, target=TARGET, rate=RATE, seed=seed, num_classes=K, **{**FAST.get(name, {}), **params})
 
 
 def batch(seed: int = 0, n: int = 4) -> torch.Tensor:
@@ -244,7 +246,7 @@ def test_bad_rate_and_target(kwargs, message):
 
 def test_unknown_attack_lists_choices():
     with pytest.raises(UnpoisonError, match=r"unknown attack 'badnet'; choose one of: none, badnets, blend, sig, trojan, wanet, bpp, tact, adaptive_blend, adaptive_patch, "
-                                     r"refool, physical_ba, cba, adaptive_pgd, hybrid"):
+                                     r"refool, physical_ba, cba, adaptive_pgd, hybrid, lc, narcissus"):
         make("badnet")
 
 

@@ -12,6 +12,8 @@ from .blend import Blend
 from .bpp import Bpp
 from .cba import CBA
 from .hybrid import Hybrid
+from .lc import LabelConsistent
+from .narcissus import Narcissus
 from .none import NoAttack
 from .physical_ba import PhysicalBA
 from .refool import Refool
@@ -21,10 +23,10 @@ from .trojan import Trojan
 from .wanet import WaNet
 
 ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (NoAttack, BadNets, Blend, SIG, Trojan, WaNet, Bpp, TaCT, AdaptiveBlend, AdaptivePatch,
-                                                        Refool, PhysicalBA, CBA, AdaptivePGD, Hybrid)}
+                                                        Refool, PhysicalBA, CBA, AdaptivePGD, Hybrid, LabelConsistent, Narcissus)}
 
-__all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePGD", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "CBA", "Hybrid", "NoAttack",
-           "PhysicalBA", "Poisoned", "Refool", "SIG", "StaticTrigger", "TaCT", "Trojan", "WaNet", "attack_from_spec", "build_attack",
+__all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePGD", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "CBA", "Hybrid", "LabelConsistent",
+           "Narcissus", "NoAttack", "PhysicalBA", "Poisoned", "Refool", "SIG", "StaticTrigger", "TaCT", "Trojan", "WaNet", "attack_from_spec", "build_attack",
            "describe"]
 
 

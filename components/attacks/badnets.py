@@ -41,16 +41,17 @@ class BadNets(StaticTrigger):
         elif self.position not in CORNERS:
             raise UnpoisonError(f"badnets position {self.position!r} is unknown; choose one of: {', '.join(CORNERS)}, or [x, y]")
 
-    def corner(self, h: int, w: int) -> tuple[int, int]:
-        """Row and column of the patch's top-left pixel."""
-        if isinstance(self.position, list):
-            x, y = self.position
+    def corner(self, h: int, w: int, position: str | list | None = None) -> tuple[int, int]:
+        """Row and column of the patch's top-left pixel at `position` (default: the attack's)."""
+        position = self.position if position is None else position
+        if isinstance(position, list):
+            x, y = position
             if x + self.size > w or y + self.size > h:
-                raise UnpoisonError(f"badnets patch of size {self.size} at [x, y] = {self.position} leaves the {h}x{w} images; "
+                raise UnpoisonError(f"{self.name} patch of size {self.size} at [x, y] = {position} leaves the {h}x{w} images; "
                                     f"choose x <= {w - self.size} and y <= {h - self.size}")
             return y, x
-        top = 0 if self.position.startswith("top") else h - self.size
-        left = 0 if self.position.endswith("left") else w - self.size
+        top = 0 if position.startswith("top") else h - self.size
+        left = 0 if position.endswith("left") else w - self.size
         return top, left
 
     def pattern_patch(self, c: int) -> torch.Tensor:
