@@ -30,6 +30,7 @@ task and output in `pipeline.result`, which `run_local` reads.
 """
 
 
+import builtins
 import copy
 import dataclasses
 import inspect
@@ -338,9 +339,14 @@ def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None =
     env = {RUN_ID_ENV: uuid.uuid4().hex, **({"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # kfp.local indents a task's prints by swapping builtins.print for the task's span (logging_utils.indented_print);
+    # two loop iterations in parallel (the matrix's ParallelFor) can restore each other's swap and leave every later
+    # print of this process indented: put the original back
+    original_print = builtins.print
     try:
         task = pipeline(**arguments)
     finally:
+        builtins.print = original_print
         logger.removeHandler(log)
         logger.setLevel(old_level)
         for k, v in saved.items():
