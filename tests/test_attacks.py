@@ -13,7 +13,7 @@ INJECTING = {n: a for n, a in ATTACKS.items() if n != "none"}  # "none" is the d
 OTHER_TRAIN_TRIGGER = {"adaptive_blend", "adaptive_patch", "refool", "physical_ba", "cba", "hybrid", "lc", "narcissus"}  # poisoned in training
 # with another trigger than at test (or per-image triggers)
 SOURCE_SPECIFIC = {"tact", "cba"}  # poisons and measures ASR on given source classes only (tests/test_attacks_more.py, _extra.py)
-TRAINED = {"adaptive_pgd", "narcissus"}  # optimises its trigger while it poisons: no trigger before (tests/test_attacks_extra.py,
+TRAINED = {"adaptive_pgd", "narcissus", "input_aware"}  # optimises its trigger while it poisons: no trigger before (tests/test_attacks_extra.py,
 # tests/test_attacks_optimised.py)
 FAST = {"lc": {"epochs": 1}, "narcissus": {"epochs": 1, "warmup_epochs": 1, "rounds": 20}}  # attacks that train: tiny runs
 from components.data import ImageSet

@@ -12,6 +12,7 @@ from .blend import Blend
 from .bpp import Bpp
 from .cba import CBA
 from .hybrid import Hybrid
+from .input_aware import InputAware
 from .lc import LabelConsistent
 from .narcissus import Narcissus
 from .none import NoAttack
@@ -23,9 +24,10 @@ from .trojan import Trojan
 from .wanet import WaNet
 
 ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (NoAttack, BadNets, Blend, SIG, Trojan, WaNet, Bpp, TaCT, AdaptiveBlend, AdaptivePatch,
-                                                        Refool, PhysicalBA, CBA, AdaptivePGD, Hybrid, LabelConsistent, Narcissus)}
+                                                        Refool, PhysicalBA, CBA, AdaptivePGD, Hybrid, LabelConsistent, Narcissus,
+                                                        InputAware)}
 
-__all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePGD", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "CBA", "Hybrid", "LabelConsistent",
+__all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePGD", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "CBA", "Hybrid", "InputAware", "LabelConsistent",
            "Narcissus", "NoAttack", "PhysicalBA", "Poisoned", "Refool", "SIG", "StaticTrigger", "TaCT", "Trojan", "WaNet", "attack_from_spec", "build_attack",
            "describe"]
 
