@@ -123,6 +123,17 @@ def test_partition_says_when_the_defender_trigger_was_not_learned(tmp_path):
             assert "30.0%" in result["note"] and "abm.verification_epochs" in result["note"]
 
 
+def test_alpha_backs_off_until_the_defender_trigger_is_obeyed():
+    """Eq. 2's alpha is divided by alpha_backoff while the trained model obeys Delta on less than min_obeyed of the
+    set, at most alpha_tries trainings; the last try is the model kept."""
+    obeyed = {1000.0: 0.04, 100.0: 0.6, 10.0: 0.9}
+    tries = abm.choose_alpha(obeyed.__getitem__, AbmParams())
+    assert tries == [{"alpha": 1000.0, "obeyed_share": 0.04}, {"alpha": 100.0, "obeyed_share": 0.6}]
+    assert [t["alpha"] for t in abm.choose_alpha(obeyed.__getitem__, AbmParams(min_obeyed=0.95))] == [1000, 100, 10]
+    assert [t["alpha"] for t in abm.choose_alpha(obeyed.__getitem__, AbmParams(alpha_tries=1))] == [1000]  # the paper
+    assert len(abm.choose_alpha(lambda a: 0.0, AbmParams(alpha_tries=5, alpha_backoff=2))) == 5
+
+
 def test_defender_subset_share_and_seed():
     s = abm.defender_subset(1000, 0.1, seed=3)
     assert s.sum() == 100 and np.array_equal(s, abm.defender_subset(1000, 0.1, seed=3))
@@ -150,7 +161,7 @@ def test_the_composite_saved_and_loaded_gives_the_same_outputs(tmp_path):
 def test_configuration_keeps_the_paper_ratios():
     cpu, paper = load_config("cpu"), load_config("paper")
     assert (abm.teacher_params(cpu).epochs, abm.verification_params(cpu).epochs, abm.student_params(cpu).epochs) == \
-        (10, 2, 4)
+        (10, 10, 4)  # the verification model keeps the paper's 10 (cpu.yaml says why)
     assert (abm.teacher_params(paper).epochs, abm.verification_params(paper).epochs,
             abm.student_params(paper).epochs) == (50, 10, 20)
     assert abm.teacher_params(paper).augment == "none" and abm.teacher_params(paper).milestones == [20, 40]
@@ -174,7 +185,8 @@ SMALL = {"train_limit": 300, "train.epochs": 1}
 @pytest.fixture(scope="module")
 def abm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return local.run("abm", load_config("cpu", SMALL), root, mlflow_uri=None, name="abm-e2e")
+    return local.run("abm", load_config("cpu", {**SMALL, "abm.verification_epochs": 3}), root, mlflow_uri=None,
+                     name="abm-e2e")
 
 
 def test_abm_run_isolates_at_most_one_percent_and_builds_the_composite(abm_run):
@@ -186,6 +198,11 @@ def test_abm_run_isolates_at_most_one_percent_and_builds_the_composite(abm_run):
     verification = json.loads((abm_run / "verification" / "model.json").read_text())
     assert len(verification["classes"]) == 11 and verification["new_class"] == 10
     assert verification["defender"]["samples"] == 30
+    tries = verification["defender"]["tries"]  # each try's alpha and obeyed share, the last one kept
+    assert 1 <= len(tries) <= 3 and tries[0]["alpha"] == 1000 and verification["defender"]["alpha"] == tries[-1]["alpha"]
+    assert all(t["obeyed_share"] < 0.5 for t in tries[:-1])
+    obeyed = (np.array(scores["trigger_pred"]) == 10).mean()  # the score stage sees the model the last try kept
+    assert obeyed == pytest.approx(tries[-1]["obeyed_share"])
     student = json.loads((abm_run / "student" / "model.json").read_text())
     assert student["trained_on"] == int(suspect.sum())
     composite = json.loads((abm_run / "composite" / "model.json").read_text())

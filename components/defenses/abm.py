@@ -7,6 +7,10 @@ learns the teacher's backdoor, and the deployed classifier subtracts the student
    stamped on a share S of the set, whose label becomes the new class K; the verification model has K + 1 outputs and
    trains with Eq. 2: CE on the untouched samples; for S, CE(M(x + Delta), K) + alpha * L2(theta, theta_tri), the
    penultimate activations of the clean image and of its triggered copy, which keeps the defender backdoor weak.
+   The defender watches its own trigger (V-B-2c): a model that sends less than `min_obeyed` (half) of the stamped
+   set to K has not learned Delta ("excessive repression ... can result in the failure of the implanted backdoor"),
+   and is trained again at alpha / 10, at most 3 trainings (`choose_alpha`). On the CPU protocol's small CNN the
+   paper's alpha 1000 never implants Delta (3.6 % of a Blend set sent to K after 10 epochs; 100: 58 %).
 3. `score`: Delta on every training sample (Algorithm 1, D_3); the verification model's prediction (`trigger_pred`)
    and its probability of K (`trigger_prob`).
 4. `partition`: the isolated set D_iso is Algorithm 1's D_4, the samples not sent to K (the attacker's trigger beats
@@ -22,6 +26,8 @@ Reading of the paper (notes: defenses-wave2.md, section 1.2; NG = not given ther
 - Fraction of the set given Delta: NG -> 10 %; Delta's colour: NG -> white. Ranking inside the 1 % cap: NG -> ascending
   p(K | x + Delta).
 - Verification training: "10 iterations" read as 10 epochs; lr 0.1, momentum 0.9, weight decay 1e-4, cosine (NG).
+  10 epochs on both protocols (cpu.yaml): the ratio-scaled 2 epochs of the CPU protocol never implant Delta, even at
+  alpha 0 (2.3 % of a Blend set sent to K; 10 epochs at alpha 0: 90 %).
 - Teacher: 50 epochs, SGD lr 0.1, wd 1e-4; "lr / 10 after every two epochs" is unusable as written (lr 1e-26 by the
   end): divided by 10 at epochs 20 and 40 (paper.yaml). The CPU protocol's teacher is its no-defense training.
 - A (NG): the mean over the training set of the teacher's top logit, max_k f_t(x)_k, a scalar (`activation:
@@ -37,7 +43,7 @@ Reading of the paper (notes: defenses-wave2.md, section 1.2; NG = not given ther
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +60,7 @@ from components.models import AntiBackdoorModel, anti_backdoor_logits, build_mod
 from components.params import Strict, TrainParams, check_overrides, final_params
 
 __all__ = ["AbmParams", "DEFENSE", "anti_backdoor_logits", "average_activation", "defender_subset", "distillation",
-           "inject", "isolate", "nbab_loss"]
+           "choose_alpha", "inject", "isolate", "nbab_loss", "stamped_predictions"]
 
 # Epochs of the paper's trainings (V-A-3): verification 10, teacher 50, student 20; kept as ratios to the teacher's.
 PAPER_EPOCHS = {"verification": 10, "teacher": 50, "student": 20}
@@ -73,7 +79,13 @@ class AbmParams(Strict):
     trigger_position: list[int] = [0, 0]  # (row, column) of its top-left pixel: the top-left corner (Fig. 4)
     trigger_value: int = Field(255, ge=0, le=255)  # its colour: NG -> white
     trigger_share: float = Field(0.1, gt=0, lt=1)  # share of the set given Delta and the new class: NG -> 10 %
-    alpha: float = Field(1000.0, ge=0)  # weight of Eq. 2's activation term (V-A-3: 1000 on CIFAR-10)
+    alpha: float = Field(1000.0, ge=0)  # weight of Eq. 2's activation term (V-A-3: 1000 on CIFAR-10): the first tried
+    # The defender watches its own trigger (V-B-2c, "the defender ... can observe the attack success rate"): when the
+    # verification model sends less than min_obeyed of the stamped set to the new class, the trigger failed and the
+    # model is trained again at alpha / alpha_backoff, at most alpha_tries trainings (1: the paper's single training).
+    min_obeyed: float = Field(0.5, ge=0, le=1)
+    alpha_backoff: float = Field(10.0, gt=1)
+    alpha_tries: int = Field(3, ge=1)
     isolation_rate: float = Field(0.01, gt=0, le=1)  # the cap on D_iso (V-B-2b, V-C: 1 %)
     delta: float = Field(2.5, ge=0)  # Eq. 4 (V-A-3)
     gamma: float = Field(0.8, ge=0)  # Eq. 4 (V-A-3; 0.6-0.8 recommended, Fig. 7)
@@ -170,27 +182,61 @@ def average_activation(logits: torch.Tensor, form: str = "top_logit") -> float |
 
 # --- stage functions ---------------------------------------------------------------------------------------------
 
+def stamped_predictions(model: nn.Module, images: torch.Tensor, params: AbmParams, new_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 1's D_3: Delta on every image (uint8 NHWC); the verification model's class of x + Delta and its
+    probability of the new class."""
+    logits = engine.predict(model, inject(images.permute(0, 3, 1, 2), params).permute(0, 2, 3, 1),
+                            batch_size=params.score_batch)
+    return logits.argmax(1).numpy(), torch.softmax(logits, 1)[:, new_class].numpy()
+
+
+def choose_alpha(train: Callable[[float], float], params: AbmParams) -> list[dict]:
+    """The tries of Eq. 2's alpha: `train(alpha)` trains a verification model and returns the share of the stamped
+    set it sends to the new class; from params.alpha, divided by alpha_backoff after every try below min_obeyed (the
+    defender trigger not learned: "excessive repression ... can result in the failure of the implanted backdoor",
+    V-B-2c), at most alpha_tries. The last try is the model kept: the first that reached min_obeyed, or else the
+    weakest repression tried."""
+    tries, alpha = [], params.alpha
+    for _ in range(params.alpha_tries):
+        tries.append({"alpha": alpha, "obeyed_share": train(alpha)})
+        if tries[-1]["obeyed_share"] >= params.min_obeyed:
+            break
+        alpha /= params.alpha_backoff
+    return tries
+
+
 def verification_train(dataset: Path, out: Path, *, params: TrainParams, model_name: str, abm: AbmParams, seed: int,
                        monitor: stages.Monitor | None = None) -> dict:
     """Step 2: out/model.*, the verification model (K + 1 outputs) trained with Eq. 2 on the set with S relabelled to
-    the new class K."""
+    the new class K, at the alpha `choose_alpha` settles on."""
     ds = stages.load_dataset(dataset)
     x, y = stages.tensors(ds)
     k = ds.num_classes
     subset = defender_subset(len(y), abm.trigger_share, seed)
     labels = torch.where(torch.from_numpy(subset), torch.tensor(k), y)
-    torch.manual_seed(params.seed)
-    model = build_model(model_name, k + 1)
-    history = engine.train(model, x, labels, params, batch_loss=nbab_loss(abm, torch.from_numpy(subset)),
-                           on_epoch=monitor, desc="verification", checkpoint=checkpoint.path(out, "verification"))
     out = Path(out)
+    trained = {}
+
+    def train(alpha: float) -> float:
+        torch.manual_seed(params.seed)
+        model = build_model(model_name, k + 1)
+        tried = abm.model_copy(update={"alpha": alpha})
+        history = engine.train(model, x, labels, params, batch_loss=nbab_loss(tried, torch.from_numpy(subset)),
+                               on_epoch=monitor, desc=f"verification alpha {alpha:g}",
+                               checkpoint=checkpoint.path(out, f"verification-alpha{alpha:g}"))
+        trained.update(model=model, history=history)
+        return float((stamped_predictions(model, torch.from_numpy(ds.images), abm, k)[0] == k).mean())
+
+    tries = choose_alpha(train, abm)
+    model, history = trained["model"], trained["history"]
     artifacts.write_json(history, out / "history.json")
     trigger = {key: getattr(abm, key) for key in ("trigger_size", "trigger_position", "trigger_value")}
     artifacts.save_model(model, stages._model_meta(model_name, ds, params, history, trained_on=len(y),
                                                    classes=[*ds.classes, "defender trigger"], new_class=k,
                                                    defender={**trigger, "samples": int(subset.sum()),
-                                                             "alpha": abm.alpha}), out)
-    return {"samples": len(y), "triggered": int(subset.sum()),
+                                                             "alpha": tries[-1]["alpha"], "tries": tries}), out)
+    return {"samples": len(y), "triggered": int(subset.sum()), "alpha": tries[-1]["alpha"],
+            "obeyed_share": tries[-1]["obeyed_share"], "tries": len(tries),
             **({"train_acc": history[-1]["train_acc"], "train_loss": history[-1]["loss"]} if history else {})}
 
 
@@ -199,9 +245,7 @@ def score_stage(dataset: Path, model: Path, out: Path, *, params: AbmParams) -> 
     (its probability of the new class) for every training sample."""
     ds = stages.load_dataset(dataset)
     net, meta = artifacts.load_model(model)
-    images = inject(torch.from_numpy(ds.images).permute(0, 3, 1, 2), params).permute(0, 2, 3, 1)
-    logits = engine.predict(net, images, batch_size=params.score_batch)
-    pred, prob = logits.argmax(1).numpy(), torch.softmax(logits, 1)[:, meta["new_class"]].numpy()
+    pred, prob = stamped_predictions(net, torch.from_numpy(ds.images), params, meta["new_class"])
     stages.write_scores(Path(out) / "scores.parquet", {"trigger_pred": pred.astype(np.float64),
                                                        "trigger_prob": prob.astype(np.float64)}, model, meta)
     obeyed = pred == meta["new_class"]
@@ -218,7 +262,7 @@ def partition_stage(score_table: Path, model: Path, out: Path, *, params: AbmPar
     result = {"samples": len(isolated), "clean": int((~isolated).sum()), "suspect": int(isolated.sum()),
               "disobeyed": disobeyed}
     obeyed = 1 - disobeyed / len(isolated)
-    if obeyed < 0.5:  # ABM's premise: clean samples follow the defender trigger, poison does not (Algorithm 1)
+    if obeyed < params.min_obeyed:  # ABM's premise: clean samples follow the defender trigger, poison does not
         result["note"] = (f"the verification model sends only {obeyed:.1%} of the set to the defender's class: it has "
                           f"not learned the defender trigger, so the isolation is close to random; train it longer "
                           f"(abm.verification_epochs) or weaken Eq. 2's activation term (abm.alpha)")
