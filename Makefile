@@ -21,8 +21,10 @@ $(TOOLS)/.installed:
 demo: $(VENV)/.installed
 	$(VENV)/bin/unpoison run meca --attack badnets --data sample
 
+# One pytest-xdist worker per core, each pinned to its core (tests/conftest.py); a test file stays on one worker, so
+# its module fixtures (an end-to-end run, a server) are built once.
 test: $(VENV)/.installed $(TOOLS)/.installed
-	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest
+	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest -n auto --dist loadfile
 
 # The unit tests only, for local iteration: no pipeline, server or checker runs (tests/conftest.py marks those slow).
 test-fast: $(VENV)/.installed

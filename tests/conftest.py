@@ -33,6 +33,19 @@ import pytest
 import urllib3
 from minio import Minio
 
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (`make test` runs `-n auto`), worker gwN runs on the N-th core this process may use: its torch
+    threads (components.engine.machine_threads reads the affinity mask) and the servers and kfp.local subprocesses it
+    starts stay on that core, instead of every worker spreading as many threads as there are cores over all of them."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and len(cores) > 1:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_pin_xdist_worker()
+
 S3_START_TIMEOUT_S = 60
 
 
