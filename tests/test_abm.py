@@ -199,7 +199,8 @@ def test_abm_run_isolates_at_most_one_percent_and_builds_the_composite(abm_run):
     assert len(verification["classes"]) == 11 and verification["new_class"] == 10
     assert verification["defender"]["samples"] == 30
     tries = verification["defender"]["tries"]  # each try's alpha and obeyed share, the last one kept
-    assert 1 <= len(tries) <= 3 and tries[0]["alpha"] == 1000 and verification["defender"]["alpha"] == tries[-1]["alpha"]
+    assert 1 <= len(tries) <= 3 and tries[0]["alpha"] == 1000
+    assert verification["defender"]["alpha"] == tries[-1]["alpha"]
     assert all(t["obeyed_share"] < 0.5 for t in tries[:-1])
     obeyed = (np.array(scores["trigger_pred"]) == 10).mean()  # the score stage sees the model the last try kept
     assert obeyed == pytest.approx(tries[-1]["obeyed_share"])

@@ -182,7 +182,8 @@ def average_activation(logits: torch.Tensor, form: str = "top_logit") -> float |
 
 # --- stage functions ---------------------------------------------------------------------------------------------
 
-def stamped_predictions(model: nn.Module, images: torch.Tensor, params: AbmParams, new_class: int) -> tuple[np.ndarray, np.ndarray]:
+def stamped_predictions(model: nn.Module, images: torch.Tensor, params: AbmParams,
+                        new_class: int) -> tuple[np.ndarray, np.ndarray]:
     """Algorithm 1's D_3: Delta on every image (uint8 NHWC); the verification model's class of x + Delta and its
     probability of the new class."""
     logits = engine.predict(model, inject(images.permute(0, 3, 1, 2), params).permute(0, 2, 3, 1),
