@@ -249,10 +249,8 @@ class InputAware(Attack):
         return is_cover
 
     def train_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """The mapped labels of backdoor images in training (poison_labels in torch)."""
-        if self.all2all:
-            return (y + 1) % num_classes
-        return torch.full_like(y, self.target)
+        """The mapped labels of backdoor images in training: `poison_labels` on a tensor."""
+        return torch.from_numpy(self.poison_labels(y.cpu().numpy(), num_classes)).to(y.device)
 
     def train(self, ds: ImageSet) -> str:
         """Train M, then G with a classifier, on the CPU from the seed; the packed weights of G and M."""
