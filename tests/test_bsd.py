@@ -202,8 +202,8 @@ def test_no_stage_reads_the_ground_truth():
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-# one epoch per phase: warm-up (0), initial pools (1), class completion (2), selective dropping (3); 3 iterations each
-SMALL = {"train_limit": 300, "bsd.altruistic_epochs": 1, "bsd.t1": 1, "bsd.fixed_epochs": 1, "bsd.t2": 3,
+# g's warm-up 2 epochs, both voting; one epoch per phase: warm-up (0), initial pools (1), class completion (2), selective dropping (3); 3 iterations each
+SMALL = {"train_limit": 300, "bsd.altruistic_epochs": 2, "bsd.target_window": 1.0, "bsd.t1": 1, "bsd.fixed_epochs": 1, "bsd.t2": 3,
          "bsd.t3": 4, "bsd.mixmatch.iterations": 3}
 
 
@@ -226,7 +226,11 @@ def test_bsd_run_repartitions_every_epoch_and_reports_the_pools(bsd_run):
     target = json.loads((bsd_run / "target" / "target.json").read_text())
     labels = np.load(bsd_run / "poison" / "dataset.npz")["labels"]
     assert np.isnan(np.array(scores["oss_distance"])[labels != target["target"]]).all()
-    assert target["voters"] == 3 and sum(target["votes"]) == 3  # 1 % of 300
+    # 1 % of 300 votes after each of g's 2 warm-up epochs, added up; the estimate is the sum's argmax
+    g_votes = [h["target_votes"] for h in json.loads((bsd_run / "altruistic" / "history.json").read_text())]
+    assert len(g_votes) == 2 and all(sum(v) == 3 for v in g_votes) and target["voting_epochs"] == 2
+    assert target["votes"] == np.sum(g_votes, axis=0).tolist() and target["voters"] == 6
+    assert target["estimate"] == int(np.argmax(target["votes"])) and target["last_epoch_votes"] == g_votes[-1]
     m = json.loads((bsd_run / "metrics.json").read_text())
     assert m["defended"] == "bsd" and set(m["models"]) == {"altruistic", "warmup", "bsd"}
     assert [r["epoch"] for r in m["epoch_pools"]] == [1, 2, 3] and "clean_poison_rate" in m["epoch_pools"][0]
