@@ -42,6 +42,10 @@ class AttackParams(Strict):
     rate: float = 0.05
     seed: int = 0
     params: dict[str, Any] = {}  # attack-specific, e.g. {"alpha": 0.2} for blend
+    # the training budget of an attack that trains a model while it poisons: epochs of its surrogate or generator
+    # (components/attacks/base.py, Attack.budget_params); a protocol sets it, `params` overrides it param by param;
+    # None: the attack's own defaults. An attack that trains no model ignores it.
+    epochs: int | None = Field(None, ge=1)
 
     @field_validator("rate")
     @classmethod

@@ -17,7 +17,7 @@ import torch
 
 from components import artifacts, checkpoint, engine, metrics, scores
 from components.artifacts import SAMPLE_SCHEMA, SCORE_SCHEMA, SOURCES_SCHEMA, SPLIT_SCHEMA
-from components.attacks import attack_from_spec, build_attack
+from components.attacks import attack_from_spec, build_attack, from_params
 from components.data import ImageSet, has_test_split, load_ground_truth, load_images, save_npz
 from components.engine import LossFn, Perturb
 from components.errors import UnpoisonError
@@ -117,8 +117,7 @@ def poison(data: str, attack: AttackParams, out: Path, *, train_limit: int | Non
     ground truth in truth/samples.parquet (truth defaults to out; the KFP component keeps it in an artifact of its
     own that only evaluation reads)."""
     clean = _clean_train(data, train_limit)
-    atk = build_attack(attack.name, target=attack.target, rate=attack.rate, seed=attack.seed,
-                       num_classes=clean.num_classes, **attack.params)
+    atk = from_params(attack, clean.num_classes)
     res = atk.poison(clean)
     out = Path(out)
     _write_data(res.dataset, out, atk.spec(), {"source": str(data), "clean_hash": clean.content_hash,

@@ -104,7 +104,8 @@ def cmd_attacks(args) -> None:
 
     print("\n\n".join(describe(name) for name in ATTACKS))
     print("\nchoose with --attack NAME, set params with --set attack.params.NAME=VALUE (e.g. attack.params.size=5), "
-          "the target, rate and poison seed with attack.target, attack.rate, attack.seed")
+          "the target, rate and poison seed with attack.target, attack.rate, attack.seed, the training budget of an "
+          "attack that trains a model with attack.epochs (cpu.yaml and paper.yaml set it)")
 
 
 def cmd_data_push(args) -> None:

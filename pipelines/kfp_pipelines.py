@@ -7,6 +7,19 @@ stage is a task named after it; each task binds only the parameters its stage re
 task asks for a GPU node (`on_gpu`), with CPU and memory limits and a timeout; every task reads the S3 and MLflow
 credentials from Kubernetes Secrets as environment variables.
 
+The poison task's node: an attack that trains a model while it poisons (lc, narcissus, adaptive_pgd, input_aware:
+`components.attacks.trains_model`) gets a GPU, the others none (the attacks still train on the CPU: for now the node
+gives them a GPU task's CPUs, memory and timeout). The attack is a pipeline argument, so the compiled pipeline
+cannot tell which: the poison task's GPU count is the pipeline parameter `poison_gpus`, "1" or "0", which
+`arguments` derives from the attack when the run is submitted; the KFP driver (2.14 and later) resolves it when the
+task starts. A string: the driver reads a resource placeholder's value as a string, and gives no limit for a number
+(backend/src/v2/driver/resolve.go, resolvePodSpecInputRuntimeParameter). Not dsl.If / dsl.Else over two poison
+tasks: the stages would read their outputs through dsl.OneOf, which kfp.local 2.17 does not resolve for artifacts
+(kfp/local/orchestrator/orchestrator_utils.py, get_dag_output_artifacts: "Expected 1 artifact in
+ArtifactSelectorSpec"), and the tests run the pipelines there. Whatever its GPU count, the poison task has a GPU
+task's other settings (requests, limits, timeout, the GPU toleration) but no node selector, which would pin the
+poison of an attack that trains nothing to GPU nodes as well.
+
 Retries: every stage task is retried (`RETRIES`, with backoff) when it fails: an evicted pod, a preempted node, a
 timeout (what Argo counts as a failure: README, Kubernetes section). A user error (UnpoisonError: bad
 configuration or data) does not fail its task, since KFP would retry it too: KFP 2.17's retry policy has no
@@ -73,8 +86,9 @@ def without_none(tree):
 
 
 DATA_HASH = "data_hash"  # the pipeline parameter holding the data's fingerprint, bound to the data-reading task
+POISON_GPUS = "poison_gpus"  # the pipeline parameter holding the poison task's GPU count, "1" or "0" (`poison_gpus`)
 DEFAULTS = {**without_none(RunConfig().model_dump()), "train_limit": 10000,  # the CPU protocol's, as in cpu.yaml
-            DATA_HASH: ""}
+            DATA_HASH: "", POISON_GPUS: "0"}
 DIGEST = re.compile(r"^[^\s@]+@sha256:[0-9a-f]{64}$")  # REPO@sha256:<64 hex>
 
 
@@ -110,13 +124,15 @@ def with_secrets(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def on_gpu(task: dsl.PipelineTask, *, cpu: str = "4", memory: str = "16Gi", cpu_limit: str = GPU_CPU_LIMIT,
-           memory_limit: str = GPU_MEMORY_LIMIT, timeout_s: int = GPU_TIMEOUT_S) -> dsl.PipelineTask:
-    """A training or scoring task: one NVIDIA GPU, its toleration, the optional node selector, CPU and memory
-    requests and limits, a timeout per attempt, retries with backoff, secrets as env, caching on."""
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+def on_gpu(task: dsl.PipelineTask, *, gpus=1, node_selector: bool = True, cpu: str = "4", memory: str = "16Gi",
+           cpu_limit: str = GPU_CPU_LIMIT, memory_limit: str = GPU_MEMORY_LIMIT,
+           timeout_s: int = GPU_TIMEOUT_S) -> dsl.PipelineTask:
+    """A training or scoring task: `gpus` NVIDIA GPUs (one, or a pipeline parameter holding the count), their
+    toleration, the optional node selector (unless `node_selector` is False), CPU and memory requests and limits, a
+    timeout per attempt, retries with backoff, secrets as env, caching on."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
-    if GPU_NODE_SELECTOR:
+    if GPU_NODE_SELECTOR and node_selector:
         key, _, value = GPU_NODE_SELECTOR.partition("=")
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     task.set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
@@ -127,6 +143,22 @@ def on_gpu(task: dsl.PipelineTask, *, cpu: str = "4", memory: str = "16Gi", cpu_
     # every attempt its full timeout, with an hour to spare for scheduling and the backoff.
     return task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2,
                           backoff_max_duration=f"{(RETRIES + 1) * timeout_s + 3600}s")
+
+
+def on_poison_node(task: dsl.PipelineTask, gpus) -> dsl.PipelineTask:
+    """The poison task: a GPU task whose GPU count is the pipeline parameter `gpus` (POISON_GPUS), without the node
+    selector (module docstring). The parameter is registered as the task's input: kfp 2.17's compiler passes a
+    channel that only a resource setting reads into none of the groups around the task (the exit handler, a loop),
+    and the task would find no such input when it runs."""
+    task.register_pipeline_channels([gpus])
+    return on_gpu(task, gpus=gpus, node_selector=False)
+
+
+def poison_gpus(*attacks: str) -> str:
+    """The poison task's GPU count for `attacks` (POISON_GPUS): "1" if one of them trains a model, else "0"."""
+    from components.attacks import trains_model
+
+    return "1" if any(trains_model(a) for a in attacks) else "0"
 
 
 def on_cpu(task: dsl.PipelineTask, *, cpu: str = "2", memory: str = "8Gi") -> dsl.PipelineTask:
@@ -150,10 +182,10 @@ def _named(comp, name: str, description: str):
     return named
 
 
-def parameters(d: Defense) -> list[str]:
-    """A defense's pipeline parameters: the shared configuration keys and its own section, never another's, and the
-    data's fingerprint."""
-    return [*CONFIG_KEYS, *([d.section] if d.section else []), DATA_HASH]
+def parameters(d: Defense, delivered: bool = False) -> list[str]:
+    """A defense's pipeline parameters: the shared configuration keys and its own section, never another's, the
+    data's fingerprint and, when an attack is injected, the poison task's GPU count."""
+    return [*CONFIG_KEYS, *([d.section] if d.section else []), DATA_HASH, *([] if delivered else [POISON_GPUS])]
 
 
 def _config_args(d: Defense, p: dict, keys) -> dict:
@@ -196,8 +228,8 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
     d = get(defense)
     plan = d.plan(delivered)
     data_name = plan[0].name
-    names = parameters(d)
-    config_names = [n for n in names if n != DATA_HASH]
+    names = parameters(d, delivered)
+    config_names = [n for n in names if n not in (DATA_HASH, POISON_GPUS)]
     run_all = execute is None
     execute = [s.name for s in plan] if run_all else execute
     kinds = {st.name: (Dataset if st.kind == "dataset" else Model) for st in plan}
@@ -233,8 +265,9 @@ def build(defense: str, *, delivered: bool = False, execute: list[str] | None = 
             if st.name not in execute:
                 continue
             if st is plan[0]:
-                task = on_cpu(_named(c.ingest if delivered else c.poison, st.name, st.fn.__doc__.split(".")[0])(
-                    data=p["data"], attack=p["attack"], train_limit=p["train_limit"], data_hash=p[DATA_HASH]))
+                task = _named(c.ingest if delivered else c.poison, st.name, st.fn.__doc__.split(".")[0])(
+                    data=p["data"], attack=p["attack"], train_limit=p["train_limit"], data_hash=p[DATA_HASH])
+                task = on_cpu(task) if delivered else on_poison_node(task, p[POISON_GPUS])
                 tasks.append(task)
                 outputs[st.name], outputs["truth"] = task.outputs["dataset"], task.outputs["truth"]
                 continue
@@ -276,7 +309,8 @@ def pipeline_name(defense: str, delivered: bool) -> str:
 
 def arguments(cfg: RunConfig, defense: str, data_hash: str | None = None) -> dict:
     """Pipeline arguments from a validated configuration (the seed goes into the training params, as locally).
-    `data_hash` defaults to the fingerprint of `cfg.data`, read here (`components.data.source_fingerprint`)."""
+    `data_hash` defaults to the fingerprint of `cfg.data`, read here (`components.data.source_fingerprint`); the
+    poison task's GPU count follows the attack (`poison_gpus`)."""
     from components.data import source_fingerprint
 
     d = get(defense)
@@ -286,6 +320,8 @@ def arguments(cfg: RunConfig, defense: str, data_hash: str | None = None) -> dic
     if d.section:
         tree[d.section] = getattr(cfg, d.section).model_dump()
     tree[DATA_HASH] = source_fingerprint(cfg.data) if data_hash is None else data_hash
+    if cfg.attack.name != "none":  # the pipeline of a data set as delivered has no poison task
+        tree[POISON_GPUS] = poison_gpus(cfg.attack.name)
     return without_none(tree)
 
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from components import artifacts, runner, tracking
-from components.attacks import build_attack
+from components.attacks import from_params
 from components.config import RunConfig
 from components.data import load_images
 from components.defenses import get
@@ -33,8 +33,7 @@ def validate(defense: str, cfg: RunConfig) -> Defense:
     if cfg.model not in MODELS:
         raise UnpoisonError(f"unknown model '{cfg.model}'; choose one of: {', '.join(MODELS)}")
     train = load_images(cfg.data, "train")
-    build_attack(cfg.attack.name, target=cfg.attack.target, rate=cfg.attack.rate, seed=cfg.attack.seed,
-                 num_classes=train.num_classes, **cfg.attack.params)
+    from_params(cfg.attack, train.num_classes)
     return d
 
 

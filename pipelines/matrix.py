@@ -32,7 +32,10 @@ it with 0; it compiles to `iteratorPolicy.parallelismLimit` of the loop task), n
 an argument of `build` (`unpoison benchmark --parallelism N`), 0 for no limit. It caps the attack settings in flight;
 each runs its defenses side by side, so a matrix holds at most N x (its GPU tasks that can run at once in one
 iteration: the shared training and each defense's first GPU stage) GPUs. Every training and scoring task in the
-body asks for one GPU (`kfp_pipelines.on_gpu`), as in the defenses' own pipelines.
+body asks for one GPU (`kfp_pipelines.on_gpu`), as in the defenses' own pipelines; the poison task one when an
+attack of the matrix trains a model (`kfp_pipelines.on_poison_node`). That count is the matrix's pipeline parameter
+`poison_gpus`, not each cell's: in kfp 2.17 a loop item's field read by a resource setting does not reach the loop's
+group (the compiled loop lacks that input, and kfp.local fails on it).
 
 No live MLflow tracking of the stages: the defenses' pipelines open their parent run first (`track-start`) and
 their stages log child runs into it; here the MLflow record is the matrix's, children the cells, made at the end
@@ -125,9 +128,10 @@ def shared_training(defenses: list[str], cfg) -> list[str]:
 
 def parameters(defenses: list[str]) -> list[str]:
     """The matrix pipeline's parameters: the shared configuration but `attack`, each defense's section, the data's
-    fingerprint and the attack settings."""
+    fingerprint, the poison tasks' GPU count and the attack settings."""
     sections = [get(d).section for d in defenses if get(d).section]
-    return [*(k for k in kp.CONFIG_KEYS if k != "attack"), *dict.fromkeys(sections), kp.DATA_HASH, CELLS]
+    return [*(k for k in kp.CONFIG_KEYS if k != "attack"), *dict.fromkeys(sections), kp.DATA_HASH, kp.POISON_GPUS,
+            CELLS]
 
 
 def build(defenses: list[str], cfg, cells: list[dict], *, parallelism: int = 0, image: str | None = None):
@@ -147,15 +151,16 @@ def build(defenses: list[str], cfg, cells: list[dict], *, parallelism: int = 0, 
     names = parameters(defenses)
     defaults = {**kp.DEFAULTS, **{k: v for k, v in kp.arguments(cfg, "none", data_hash="").items()},
                 **{get(d).section: kp.without_none(getattr(cfg, get(d).section).model_dump())
-                   for d in defenses if get(d).section}, CELLS: cells}
+                   for d in defenses if get(d).section}, kp.POISON_GPUS: _poison_gpus(cells), CELLS: cells}
 
     def body(*args):
         p = dict(zip(names, args))
         tasks, records = [], []
         with dsl.ParallelFor(p[CELLS], parallelism=parallelism) as item:
             p = {**p, "attack": item.attack}
-            poison = kp.on_cpu(kp._named(c.poison, "poison", "Poison injection: the attack setting's poisoned set")(
-                data=p["data"], attack=p["attack"], train_limit=p["train_limit"], data_hash=p[kp.DATA_HASH]))
+            poison = kp._named(c.poison, "poison", "Poison injection: the attack setting's poisoned set")(
+                data=p["data"], attack=p["attack"], train_limit=p["train_limit"], data_hash=p[kp.DATA_HASH])
+            kp.on_poison_node(poison, p[kp.POISON_GPUS])
             shared = {"poison": poison.outputs["dataset"], "truth": poison.outputs["truth"]}
             tasks.append(poison)
             nodef = None
@@ -199,6 +204,11 @@ def build(defenses: list[str], cfg, cells: list[dict], *, parallelism: int = 0, 
     return pipeline
 
 
+def _poison_gpus(cells: list[dict]) -> str:
+    """The poison tasks' GPU count: one if an attack setting's attack trains a model (module docstring)."""
+    return kp.poison_gpus(*(s["attack"]["name"] for s in cells))
+
+
 def _reference_stage(defense: str) -> str | None:
     from pipelines.benchmark import reference_stage
 
@@ -213,7 +223,7 @@ def arguments(cfg, defenses: list[str], cells: list[dict], data_hash: str | None
     for d in defenses:
         if get(d).section:
             tree[get(d).section] = kp.without_none(getattr(cfg, get(d).section).model_dump())
-    return {**tree, CELLS: cells}
+    return {**tree, kp.POISON_GPUS: _poison_gpus(cells), CELLS: cells}
 
 
 # --- `unpoison benchmark --engine kfp-local|kfp` ----------------------------------------------------------------------

@@ -57,10 +57,9 @@ def settings(protocol: str, attacks: list[tuple[str, dict]], rates: list[float] 
                      **{f"attack.params.{k}": v for k, v in params.items()}}
             attack = load_config(protocol, {**overrides, "attack.name": name, **extra}, files).attack
             if name != "none":  # an unknown param fails here, naming the attack's params
-                from components.attacks import build_attack
+                from components.attacks import from_params
 
-                build_attack(name, target=attack.target, rate=attack.rate, seed=attack.seed, num_classes=10,
-                             **attack.params)
+                from_params(attack, 10)
             changed = {f"attack.{k}": v for k, v in attack.model_dump().items()
                        if k not in ("name", "params") and v != getattr(base, k)}
             changed.update({f"attack.params.{k}": v for k, v in attack.params.items() if base.params.get(k) != v})

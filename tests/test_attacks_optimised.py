@@ -1,6 +1,7 @@
 """The clean-label attacks that optimise on a surrogate of their own: LC (PGD per image, then a corner patch) and
 Narcissus (one target-like noise stored in the spec). Each trains its surrogate for one epoch on the `ds` fixture.
-Determinism, spec round trips and poison counts of every attack are also in tests/test_attacks.py."""
+Determinism, spec round trips and poison counts of every attack are also in tests/test_attacks.py. Last, the
+protocol's training budget (attack.epochs) of every attack that trains a model while it poisons."""
 
 import json
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from components.attacks import attack_from_spec, build_attack
 from components.errors import UnpoisonError
+from components.params import AttackParams
 
 N, H, W, C, K = 200, 32, 32, 3, 10  # the shape of the `ds` fixture (tests/conftest.py)
 RATE, TARGET = 0.05, 0
@@ -212,3 +214,55 @@ def test_lc_and_narcissus_params_from_set():
     cfg = load_config("cpu", parse_overrides(["attack.params.eps=2"], **{"attack.name": "lc", "data": "sample"}))
     with pytest.raises(UnpoisonError, match=r"lc eps 2 is outside \(0, 1\]"):
         validate("none", cfg)
+
+
+# --- the protocol's training budget (attack.epochs) ---
+
+TRAINS = {"lc", "narcissus", "adaptive_pgd", "input_aware"}  # the attacks that train a model while they poison
+
+
+def test_only_the_attacks_that_train_a_model_take_the_budget_and_the_cpu_protocols_keeps_their_defaults():
+    from components.attacks import ATTACKS, describe, from_params, trains_model
+    from components.config import load_config
+
+    assert {name for name in ATTACKS if trains_model(name)} == TRAINS
+    assert load_config("cpu").attack.epochs == 5  # the budget the attacks' defaults are set for
+    for name in ATTACKS:
+        assert ("attack.epochs" in describe(name)) == (name in TRAINS), name  # `unpoison attacks` says which
+        default = from_params(AttackParams(name=name), K).spec()
+        assert from_params(AttackParams(name=name, epochs=5), K).spec() == default, name
+        if name not in TRAINS:  # no model trained: a budget changes nothing
+            assert from_params(AttackParams(name=name, epochs=1), K).spec() == default, name
+
+
+@pytest.mark.parametrize("name,epochs,expected", [
+    ("lc", 1, {"epochs": 1}), ("adaptive_pgd", 1, {"epochs": 1}), ("lc", 200, {"epochs": 200}),
+    ("narcissus", 200, {"epochs": 200, "warmup_epochs": 5}),  # the reference's warm-up whatever the budget
+    ("input_aware", 200, {"epochs": 80, "mask_epochs": 1}), ("input_aware", 1, {"epochs": 1, "mask_epochs": 1})])
+def test_the_budget_sets_each_attacks_epochs_and_a_param_given_by_name_wins(name, epochs, expected):
+    from components.attacks import from_params
+
+    params = from_params(AttackParams(name=name, epochs=epochs), K).spec()["params"]
+    assert {k: params[k] for k in expected} == expected
+    given = from_params(AttackParams(name=name, epochs=epochs, params={"epochs": 3}), K)
+    assert given.epochs == 3
+
+
+@pytest.mark.parametrize("name", ["lc", "adaptive_pgd"])
+def test_the_poison_stage_trains_the_surrogate_for_the_configured_budget(name, tmp_path, monkeypatch):
+    """Through the poison stage, as the pipelines run it: attack.epochs 1 trains the surrogate one epoch, unless
+    attack.params.epochs says otherwise."""
+    import importlib
+
+    from components import stages
+    from components.config import load_config
+
+    module = importlib.import_module(f"components.attacks.{name}")
+    trained = []
+    real = module.train_surrogate
+    monkeypatch.setattr(module, "train_surrogate", lambda *a, **kw: trained.append(kw["epochs"]) or real(*a, **kw))
+    for sets, epochs in (({}, 1), ({"attack.params.epochs": 2}, 2)):
+        cfg = load_config("cpu", {"attack.name": name, "attack.epochs": 1, "attack.params.steps": 1, **sets})
+        stages.poison("sample", cfg.attack, tmp_path / str(epochs), train_limit=300)
+        assert json.loads((tmp_path / str(epochs) / "attack.json").read_text())["params"]["epochs"] == epochs
+    assert trained == [1, 2]

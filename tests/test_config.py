@@ -31,6 +31,7 @@ def test_cpu_protocol_matches_design():
     assert t.augment == "flip"
     assert cfg.attack.rate == pytest.approx(0.05)
     assert cfg.attack.target == 0
+    assert cfg.attack.epochs == 5  # the training budget of lc, narcissus, adaptive_pgd, input_aware
 
 
 def test_paper_protocol_uses_resnet18_with_crop_and_flip():
@@ -39,6 +40,7 @@ def test_paper_protocol_uses_resnet18_with_crop_and_flip():
     assert cfg.train.augment == "crop_flip"
     assert cfg.train.epochs > load_config("cpu").train.epochs
     assert cfg.train_limit is None
+    assert cfg.attack.epochs == 200  # Narcissus's reference trains its surrogate 200 epochs
 
 
 def test_unknown_protocol_names_the_choices():
@@ -110,7 +112,8 @@ def test_poison_rate_outside_open_unit_interval_is_an_error(rate):
 
 
 @pytest.mark.parametrize("key,value", [("train.epochs", -1), ("train.lr", 0), ("train.schedule", "linear"),
-                                       ("meca.gamma", 1.0), ("train.batch_size", "many")])
+                                       ("meca.gamma", 1.0), ("train.batch_size", "many"),
+                                       ("attack.epochs", 0)])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(UnpoisonError, match=rf"bad value for '{key}'"):
         load_config("cpu", {key: value})

@@ -21,6 +21,7 @@ MECA_TASKS = {"poison", "warmup", "score", "partition", "enhance", "identify", "
               "evaluate"}
 TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
 BOOKKEEPING = {"track-start", "track", "track-exit"}  # the MLflow tasks: never cached, never retried
+POISON_GPUS = "{{$.inputs.parameters['pipelinechannel--poison_gpus']}}"  # the poison task's GPU count, at run time
 
 
 def _spec(name):
@@ -73,9 +74,10 @@ def test_compiled_spec_asks_for_gpus_limits_timeouts_retries_secrets_and_caching
         # still starts the pods, and tracks to a server without authentication
         assert next(s for s in k8s["secretAsEnv"] if s["secretName"] == "unpoison-mlflow")["optional"] is True
         assert "cpuRequest" in resources and "memoryRequest" in resources
-        if task_name in gpu_tasks:
+        if task_name in gpu_tasks or task_name == "poison":
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-            assert resources["accelerator"]["resourceCount"] == "1"
+            # the poison task's count is the pipeline parameter `arguments` derives from the attack
+            assert resources["accelerator"]["resourceCount"] == (POISON_GPUS if task_name == "poison" else "1")
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
             # the defaults README states: limits twice the requests, 6 h per attempt
             assert (resources["resourceCpuLimit"], resources["resourceMemoryLimit"]) == ("8", "32Gi"), task_name
@@ -138,10 +140,12 @@ def test_a_pipeline_takes_its_own_section_and_never_another_defenses():
     meca, _ = _spec("meca")
     aabl, _ = _spec("a-abl")
     none, _ = _spec("none")
+    delivered, _ = _spec("none-delivered")
     shared = {"data", "protocol", "train_limit", "model", "seed", "attack", "train", "final", "data_hash"}
-    assert set(meca["root"]["inputDefinitions"]["parameters"]) == shared | {"meca"}
-    assert set(aabl["root"]["inputDefinitions"]["parameters"]) == shared | {"aabl"}
-    assert set(none["root"]["inputDefinitions"]["parameters"]) == shared
+    assert set(meca["root"]["inputDefinitions"]["parameters"]) == shared | {"meca", "poison_gpus"}
+    assert set(aabl["root"]["inputDefinitions"]["parameters"]) == shared | {"aabl", "poison_gpus"}
+    assert set(none["root"]["inputDefinitions"]["parameters"]) == shared | {"poison_gpus"}
+    assert set(delivered["root"]["inputDefinitions"]["parameters"]) == shared  # no poison task
     # each task binds only what its stage reads: the partition task sees meca, not train or final
     bound = kp.compiled_tasks(meca)["partition"]["inputs"]["parameters"]
     assert "section" in bound and not {"train", "final", "seed"} & set(bound)
@@ -353,6 +357,30 @@ def test_submit_pins_the_digest_on_every_task_and_binds_the_data_hash(fake_clien
     # caching as compiled: every stage cached, `track` never (True would switch it on for track too)
     assert kwargs["enable_caching"] is None
     assert tasks["poison"]["cachingOptions"]["enableCache"] is True and not tasks["track"].get("cachingOptions")
+
+
+@pytest.mark.parametrize("attack,gpus", [("lc", "1"), ("input_aware", "1"), ("badnets", "0"), ("none", None)])
+def test_the_poison_task_gets_a_gpu_for_an_attack_that_trains_a_model(attack, gpus, fake_client, tmp_path):
+    """The submitted arguments hold the poison task's GPU count (its compiled resourceCount's placeholder); a data
+    set as delivered has no poison task, and its ingest task no GPU."""
+    assert main(["submit", "none", "--host", "http://127.0.0.1:9", "--image", DIGEST_IMAGE, "--attack", attack,
+                 "--data-hash", "given"]) == 0
+    (pipeline, kwargs), = fake_client.submitted
+    spec = _compiled(pipeline, tmp_path)
+    assert set(kwargs["arguments"]) == set(spec["root"]["inputDefinitions"]["parameters"])
+    assert kwargs["arguments"].get("poison_gpus") == gpus
+    data_task = kp.compiled_tasks(spec)["poison" if gpus else "ingest"]
+    container = spec["deploymentSpec"]["executors"][spec["components"][data_task["componentRef"]["name"]][
+        "executorLabel"]]["container"]
+    if gpus:
+        assert container["resources"]["accelerator"]["resourceCount"] == POISON_GPUS
+        assert data_task["inputs"]["parameters"]["pipelinechannel--poison_gpus"] == {
+            "componentInputParameter": "pipelinechannel--poison_gpus"}
+        # which the exit handler's group receives from the pipeline (kfp_pipelines.on_poison_node)
+        group = spec["components"][spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]]
+        assert "pipelinechannel--poison_gpus" in group["inputDefinitions"]["parameters"]
+    else:
+        assert "accelerator" not in container["resources"]
 
 
 def test_submit_with_allow_tag_and_no_cache(fake_client, tmp_path):

@@ -64,7 +64,10 @@ def test_the_matrix_fans_out_over_the_attack_settings_with_its_parallelism(compi
         ("blend", 0.1, "rate=0.1,alpha=0.1")]
     # the shared configuration and each defense's own section, no attack (it comes from the loop item)
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
-        "data", "protocol", "train_limit", "model", "seed", "train", "final", "meca", "abl", "data_hash", "cells"}
+        "data", "protocol", "train_limit", "model", "seed", "train", "final", "meca", "abl", "data_hash",
+        "poison_gpus", "cells"}
+    # neither badnets nor blend trains a model: their poison tasks take no GPU
+    assert spec["root"]["inputDefinitions"]["parameters"]["poison_gpus"]["defaultValue"] == "0"
 
 
 def test_one_poison_task_and_one_no_defense_training_per_attack_setting(compiled):
@@ -87,16 +90,20 @@ def test_one_poison_task_and_one_no_defense_training_per_attack_setting(compiled
 
 def test_every_training_and_scoring_task_in_the_fan_out_asks_for_a_gpu(compiled):
     defenses, _, spec, executors = compiled
-    _, _, body = _loop(spec)
+    _, loop, body = _loop(spec)
+    # the poison task's GPU count reaches the loop's group (kfp_pipelines.on_poison_node)
+    assert "pipelinechannel--poison_gpus" in spec["components"][loop["componentRef"]["name"]]["inputDefinitions"][
+        "parameters"]
     gpu = {"train"} | {f"{d}-{s.name}".replace("_", "-") for d in defenses for s in get(d).plan(False) if s.gpu}
     for name, task in body.items():
         resources = _container(spec, task)["resources"]
         k8s = executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]
-        if name in gpu:
-            assert {k: resources["accelerator"][k] for k in GPU} == GPU, name
+        if name in gpu or name == "poison":
+            count = "{{$.inputs.parameters['pipelinechannel--poison_gpus']}}" if name == "poison" else "1"
+            assert {k: resources["accelerator"][k] for k in GPU} == {**GPU, "resourceCount": count}, name
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
             assert task["retryPolicy"]["maxRetryCount"] == 2
-        else:  # the data stage, CPU stages, the cells' records
+        else:  # CPU stages, the cells' records
             assert "accelerator" not in resources, name
         assert task["cachingOptions"]["enableCache"] is True, name
     assert {n for n in body if n.endswith("-cell")} == {f"{d}-cell" for d in defenses}
@@ -184,6 +191,15 @@ def test_benchmark_engine_kfp_submits_the_compiled_matrix(fake_kfp, tmp_path, ca
     assert args["train"]["epochs"] == 3 and "attack" not in args and args["data_hash"]
     assert set(args) == set(spec["root"]["inputDefinitions"]["parameters"])
     assert kwargs["experiment_name"] == "unpoison" and kwargs["enable_caching"] is None
+    assert args["poison_gpus"] == "0"  # neither attack trains a model
+
+
+def test_a_matrix_with_an_attack_that_trains_a_model_gives_its_poison_tasks_a_gpu():
+    """One count for the whole matrix (pipelines/matrix.py): lc trains its surrogate, so every poison task gets one."""
+    cfg = load_config("cpu", {})
+    cells = mr.settings("cpu", mr.parse_attacks("badnets,lc"), None, {})
+    assert matrix.arguments(cfg, ["none"], cells, data_hash="")["poison_gpus"] == "1"
+    assert matrix.arguments(cfg, ["none"], cells[:1], data_hash="")["poison_gpus"] == "0"
 
 
 def _record(defense, attack, acc, asr, variant=None):

@@ -7,7 +7,7 @@ from .adaptive_blend import AdaptiveBlend
 from .adaptive_patch import AdaptivePatch
 from .adaptive_pgd import AdaptivePGD
 from .badnets import BadNets
-from .base import Attack, Poisoned, StaticTrigger
+from .base import BUDGET, Attack, Poisoned, StaticTrigger
 from .blend import Blend
 from .bpp import Bpp
 from .cba import CBA
@@ -29,13 +29,26 @@ ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (NoAttack, BadNets, Blend
 
 __all__ = ["ATTACKS", "AdaptiveBlend", "AdaptivePGD", "AdaptivePatch", "Attack", "BadNets", "Blend", "Bpp", "CBA", "Hybrid", "InputAware", "LabelConsistent",
            "Narcissus", "NoAttack", "PhysicalBA", "Poisoned", "Refool", "SIG", "StaticTrigger", "TaCT", "Trojan", "WaNet", "attack_from_spec", "build_attack",
-           "describe"]
+           "describe", "from_params", "trains_model"]
 
 
 def build_attack(name: str, *, target: int, rate: float, seed: int, num_classes: int, **params) -> Attack:
     if name not in ATTACKS:
         raise UnpoisonError(f"unknown attack {name!r}; choose one of: {', '.join(ATTACKS)}")
     return ATTACKS[name](target=target, rate=rate, seed=seed, num_classes=num_classes, **params)
+
+
+def from_params(attack, num_classes: int) -> Attack:
+    """The attack an AttackParams (components/params.py) configures: the params its training budget `attack.epochs`
+    sets (Attack.budget_params), then `attack.params`, so that a param given by name wins over the budget."""
+    budget = ATTACKS[attack.name].budget_params(attack.epochs) if attack.name in ATTACKS else {}
+    return build_attack(attack.name, target=attack.target, rate=attack.rate, seed=attack.seed, num_classes=num_classes,
+                        **{**budget, **attack.params})
+
+
+def trains_model(name: str) -> bool:
+    """Whether attack `name` trains a model while it poisons (it has `budget` params): its poison stage wants a GPU."""
+    return name in ATTACKS and bool(ATTACKS[name].budget)
 
 
 def attack_from_spec(spec: dict) -> Attack:
@@ -61,4 +74,7 @@ def describe(name: str) -> str:
     paper = " ".join((sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph
     kind = "no attack" if name == "none" else "clean label" if cls.clean_label else "dirty label"
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in cls.declared().items()) or "none"
-    return f"{name}  ({kind})  {spec}\n    {paper}\n    params: {params}"
+    scaled = ", ".join(f"{k} = {cls.defaults[k]} x attack.epochs / {BUDGET}" for k in cls.budget)
+    budget = (f"\n    trains a model while it poisons (a GPU node in the pipelines): {scaled} (attack.epochs: the "
+              f"protocol's training budget), unless given in params") if cls.budget else ""
+    return f"{name}  ({kind})  {spec}\n    {paper}\n    params: {params}{budget}"

@@ -5,11 +5,11 @@ Dirty label. Trigger: one noise delta of the image's shape, ||delta||_inf <= eps
 clip(x + delta). delta is a targeted universal perturbation found by PGD on a surrogate model: delta <- clip_eps(delta
 - step * sign(grad_delta mean CE(f(clip(x + delta)), target))) over `steps` iterations (15, step 1.5/255, from delta =
 0), on up to `pgd_samples` (1024) training images outside the target class. Which model the noise is computed on is
-not in our notes of the paper; unpoison trains its own surrogate, a small CNN, for `epochs` (default 5) of SGD (lr
-0.05, momentum 0.9, batch `batch_size` 128) on the clean labels of the data set it poisons, all seeded by the poison
-seed (deterministic per seed on one machine). delta is rounded to whole 1/255 steps and stored in the spec as
-`trigger` (C x H x W integers, in 1/255), so the test set is triggered from the spec alone; give `trigger` to skip the
-training.
+not in our notes of the paper; unpoison trains its own surrogate, a small CNN, for `epochs` (default 5; the
+protocol's attack.epochs sets it, base.py) of SGD (lr 0.05, momentum 0.9, batch `batch_size` 128) on the clean
+labels of the data set it poisons, all seeded by the poison seed (deterministic per seed on one machine). delta is
+rounded to whole 1/255 steps and stored in the spec as `trigger` (C x H x W integers, in 1/255), so the test set is
+triggered from the spec alone; give `trigger` to skip the training.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class AdaptivePGD(NoiseTrigger):
     all_to_all = False  # the noise is optimised towards the one target class
     defaults = {"eps": 8 / 255, "step": 1.5 / 255, "steps": 15, "pgd_samples": 1024, "epochs": 5, "batch_size": 128,
                 "trigger": None}
+    budget = ("epochs",)  # the surrogate's: attack.epochs of the protocol (base.py)
 
     def check(self) -> None:
         for key in ("eps", "step"):

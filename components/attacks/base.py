@@ -10,6 +10,12 @@ Every dirty-label attack (unless it fixes its own source and target, as TaCT doe
 (y + 1) mod K, draws the poison from every class, and measures ASR on every test image against its mapped label
 (BadNets' all-to-all setting, Gu et al. 2017; backdoor-toolbox `badnet_all_to_all.py`).
 
+Training budget: an attack that trains a model while it poisons (a surrogate, generators) names the params that
+count its epochs in `budget`, their defaults set for `BUDGET` epochs (the CPU protocol's). The protocol's
+`attack.epochs` (components/params.py, AttackParams) scales each of them by epochs / BUDGET (`budget_params`), so
+one number sets every such attack's training length; a param given in `attack.params` wins. Such an attack's poison
+stage asks for a GPU node in the pipelines (pipelines/kfp_pipelines.py, POISON_GPUS).
+
 A static trigger (BadNets, Blend, Trojan) is a pattern and a weight, x' = (1 - w) * x + w * p, written once in
 `StaticTrigger`.
 """
@@ -38,6 +44,7 @@ class Poisoned:
 
 
 MAPPINGS = ("all2one", "all2all")
+BUDGET = 5  # the training budget (epochs) the `budget` params' defaults are set for: the CPU protocol's attack.epochs
 
 
 class Attack:
@@ -45,6 +52,15 @@ class Attack:
     clean_label: ClassVar[bool] = False
     all_to_all: ClassVar[bool] = True  # a dirty-label attack accepts mapping=all2all; False where the attack fixes the labels
     defaults: ClassVar[dict] = {}  # every param of the attack's own, with its default
+    budget: ClassVar[tuple[str, ...]] = ()  # the params counting epochs of a model the attack trains; () if none
+
+    @classmethod
+    def budget_params(cls, epochs: int | None) -> dict:
+        """The `budget` params for a training budget of `epochs` (AttackParams.epochs): each default scaled by
+        epochs / BUDGET, rounded, at least 1; {} without a budget or for an attack that trains no model."""
+        if epochs is None:
+            return {}
+        return {key: max(1, round(cls.defaults[key] * epochs / BUDGET)) for key in cls.budget}
 
     @classmethod
     def declared(cls) -> dict:

@@ -14,12 +14,12 @@ corners; in the bottom-right corner it is ABL's "gridTrigger"), or BadNets' `gri
 BSD (003) uses its BadNets trigger, `size=2 style=white position=top-left`.
 
 The surrogate f is the small CNN of adaptive_pgd (components/attacks/surrogate.py), trained by the attack for
-`epochs` (5) of SGD (batch `batch_size` 128) on the clean labels of the data set it poisons, seeded by the poison
-seed (deterministic per seed on one machine). Simplifications versus the reference code (MadryLab
-`label-consistent-backdoor-code`; BackdoorBox `LabelConsistent.py`): the perturbed model is this small CNN trained
-normally, not an adversarially trained ResNet (the seeds: PGD training eps 16/255, step 2/255, 7 steps); PGD has no
-random start; the trigger is stamped at full amplitude (the paper's reduced-amplitude variants are not implemented);
-no GAN-interpolation variant.
+`epochs` (5; the protocol's attack.epochs sets it, base.py) of SGD (batch `batch_size` 128) on the clean labels of
+the data set it poisons, seeded by the poison seed (deterministic per seed on one machine). Simplifications versus
+the reference code (MadryLab `label-consistent-backdoor-code`; BackdoorBox `LabelConsistent.py`): the perturbed
+model is this small CNN trained normally, not an adversarially trained ResNet (the seeds: PGD training eps 16/255,
+step 2/255, 7 steps); PGD has no random start; the trigger is stamped at full amplitude (the paper's
+reduced-amplitude variants are not implemented); no GAN-interpolation variant.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class LabelConsistent(BadNets):
     all_to_all = False
     defaults = {"eps": 16 / 255, "step": 1.5 / 255, "steps": 30, "epochs": 5, "batch_size": 128, "size": 3,
                 "position": ALL_CORNERS, "style": "turner", "pattern_seed": 0}
+    budget = ("epochs",)  # the surrogate's: attack.epochs of the protocol (base.py)
 
     def check(self) -> None:
         for key in ("eps", "step"):

@@ -8,8 +8,9 @@ poison: x' = clip(x + delta); test trigger: x' = clip(x + test_multiplier * delt
 reference's evaluation (1 for the plain trigger).
 
 The three stages of the reference, on the CPU and seeded by the poison seed (deterministic per seed on one machine):
-1. surrogate: the small CNN of adaptive_pgd (components/attacks/surrogate.py), `epochs` (5) of SGD (lr 0.05, momentum
-   0.9, batch `batch_size`) on the clean labels of the data set being poisoned;
+1. surrogate: the small CNN of adaptive_pgd (components/attacks/surrogate.py), `epochs` (5, the reference's
+   `surrogate_epochs` 200; the protocol's attack.epochs sets it, base.py) of SGD (lr 0.05, momentum 0.9, batch
+   `batch_size`) on the clean labels of the data set being poisoned;
 2. poison warm-up: that model fine-tuned for `warmup_epochs` (5) with RAdam (lr 0.1, as the reference) on the
    target-class images the trigger is optimised on, labelled the target;
 3. trigger: delta from 0, RAdam (lr `trigger_lr`, 0.005 on the [0, 1] scale: the reference's 0.01 on its [-1, 1]
@@ -48,6 +49,9 @@ class Narcissus(NoiseTrigger):
     all_to_all = False
     defaults = {"eps": 16 / 255, "test_multiplier": 3.0, "epochs": 5, "warmup_epochs": 5, "rounds": 1000,
                 "trigger_lr": 0.005, "trigger_samples": 350, "batch_size": 350, "trigger": None}
+    # the surrogate's epochs follow the protocol's attack.epochs (base.py); the warm-up keeps the reference's 5
+    # rounds (`warmup_round`), a fine-tuning on the target class whatever the surrogate's training
+    budget = ("epochs",)
 
     def check(self) -> None:
         for key in ("eps", "trigger_lr"):

@@ -130,7 +130,9 @@ class Defense:
 
 
 def data_stage(delivered: bool) -> Stage:
-    """The first stage: `poison` injects the configured attack, `ingest` takes the data set as delivered."""
+    """The first stage: `poison` injects the configured attack, `ingest` takes the data set as delivered. Not a GPU
+    stage: the poison task of a pipeline gets a GPU only for an attack that trains a model, which is known when the
+    run is submitted (pipelines/kfp_pipelines.py, POISON_GPUS)."""
     fn = stages.ingest if delivered else stages.poison
     return Stage(fn.__name__, fn, params=lambda c: {"data": c.data, "attack": c.attack, "train_limit": c.train_limit},
                  reads=("data", "attack", "train_limit"), gpu=False)
