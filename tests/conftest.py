@@ -241,7 +241,8 @@ def s3_bucket(s3_server) -> str:
 
 # `make test-fast` (pytest -m "not slow") leaves out what runs a pipeline, a server or an external checker: whole
 # modules of them, and every test that uses a fixture which runs one. `make test` (CI) runs everything.
-SLOW_MODULES = {"test_pipeline_e2e", "test_kfp", "test_mlflow_server", "test_performance_benchmark"}
+SLOW_MODULES = {"test_pipeline_e2e", "test_kfp", "test_kfp_cache", "test_kfp_local", "test_mlflow_server",
+                "test_performance_benchmark"}
 SLOW_FIXTURES = {"s3_server", "mlflow_server", "meca_run", "aabl_run", "abl_run", "lfd_run", "abm_run", "bsd_run",
                  "kfp_runs", "toy"}
 

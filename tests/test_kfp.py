@@ -1,6 +1,7 @@
-"""The KFP layer: compiled specs (GPU, tolerations, secrets, caching, the exit handler), the checked-in YAML, and
-real kfp.local runs with caching, live MLflow tracking (a failing stage fails the run's MLflow run) and a one-stage
-rerun through dsl.importer."""
+"""The KFP layer: compiled specs (GPU, tolerations, secrets, caching, the exit handler), the checked-in YAML,
+submission (the image by digest, the data's fingerprint, the poison task's GPU) and --no-cache. The real kfp.local
+runs are in test_kfp_cache.py (caching, MLflow records, one-stage reruns) and test_kfp_local.py (the CLI's engine, a
+failing stage, A-ABL), apart so that pytest-xdist can run them on different workers."""
 
 import json
 import os
@@ -17,9 +18,6 @@ from pipelines import kfp_pipelines as kp
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-MECA_TASKS = {"poison", "warmup", "score", "partition", "enhance", "identify", "final-train", "relabel-finetune",
-              "evaluate"}
-TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
 BOOKKEEPING = {"track-start", "track", "track-exit"}  # the MLflow tasks: never cached, never retried
 POISON_GPUS = "{{$.inputs.parameters['pipelinechannel--poison_gpus']}}"  # the poison task's GPU count, at run time
 
@@ -27,13 +25,6 @@ POISON_GPUS = "{{$.inputs.parameters['pipelinechannel--poison_gpus']}}"  # the p
 def _spec(name):
     pipeline, platform = yaml.safe_load_all((kp.COMPILED / f"{name}.yaml").read_text())
     return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-
-
-def _executed(out: str) -> list[str]:
-    """The tasks a kfp-local run printed as executed, without importers and tracking."""
-    line = [ln for ln in out.splitlines() if ln.startswith("executed: ")][-1]
-    tasks = line.removeprefix("executed: ").split(";")[0].split(", ")
-    return sorted(t for t in tasks if not t.startswith("importer") and t not in BOOKKEEPING)
 
 
 def test_checked_in_yaml_is_current(tmp_path):
@@ -151,117 +142,6 @@ def test_a_pipeline_takes_its_own_section_and_never_another_defenses():
     assert "section" in bound and not {"train", "final", "seed"} & set(bound)
 
 
-@pytest.fixture(scope="module")
-def kfp_runs(tmp_path_factory):
-    """Three runs of the MeCa pipeline under kfp.local: first, identical second, and one with a final-training change."""
-    root = tmp_path_factory.mktemp("kfp")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = load_config("cpu", TINY)
-    runs = [kp.run_local(kp.build("meca"), kp.arguments(cfg, "meca"), root, mlflow_uri=uri) for _ in range(2)]
-    changed = load_config("cpu", {**TINY, "final.lr": 0.05})
-    runs.append(kp.run_local(kp.build("meca"), kp.arguments(changed, "meca"), root, mlflow_uri=uri))
-    return root, uri, runs
-
-
-def test_first_run_executes_every_stage(kfp_runs):
-    _, _, runs = kfp_runs
-    metrics_dir, log = runs[0]
-    assert set(log.executed) == MECA_TASKS | BOOKKEEPING and not log.cached
-    m = json.loads((metrics_dir / "metrics.json").read_text())
-    assert m["defense"] == "meca" and 0 <= m["asr"] <= 1 and 0 <= m["acc"] <= 1 and 0 <= m["der"] <= 1
-    assert set(m["models"]) == {"nodef", "enhanced", "clean", "relabelled"}
-
-
-def test_identical_second_run_executes_no_stage(kfp_runs):
-    _, _, runs = kfp_runs
-    metrics_dir, log = runs[1]
-    assert set(log.executed) == BOOKKEEPING  # bookkeeping only, never cached
-    assert set(log.cached) == MECA_TASKS
-    assert metrics_dir == runs[0][0]  # the result served from the cache: the first run's evaluation
-
-
-def test_final_training_change_reruns_only_what_depends_on_it(kfp_runs):
-    _, _, runs = kfp_runs
-    _, log = runs[2]
-    # final training, the fine-tune of its model, evaluation (and tracking); nothing upstream
-    assert set(log.executed) == {"final-train", "relabel-finetune", "evaluate"} | BOOKKEEPING
-    assert set(log.cached) == MECA_TASKS - {"final-train", "relabel-finetune", "evaluate"}
-
-
-def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
-    from mlflow.tracking import MlflowClient
-
-    _, uri, _ = kfp_runs
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("unpoison")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 3
-    first, second, third = (p.data.tags["unpoison.kfp_run_id"] for p in parents)
-    children = {p.data.tags["unpoison.kfp_run_id"]: {r.data.tags["unpoison.stage"]: r for r in runs
-                                                     if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
-                for p in parents}
-    assert set(children[first]) == {"poison", "warmup", "score", "partition", "enhance", "identify", "final_train",
-                                    "relabel_finetune", "evaluate"}
-    assert all("unpoison.cached_from" not in r.data.tags for r in children[first].values())
-    assert all(r.data.tags["unpoison.cached_from"] == first for r in children[second].values())
-    assert children[third]["warmup"].data.tags["unpoison.cached_from"] == first
-    assert "unpoison.cached_from" not in children[third]["final_train"].data.tags
-    assert parents[2].data.params["final.lr"] == "0.05"
-    assert 0 <= parents[0].data.metrics["asr"] <= 1
-    # logged live by the tasks that ran, each parent finished by `track`
-    assert all(r.info.status == "FINISHED" for r in runs)
-    warmup = children[first]["warmup"]
-    assert warmup.data.params["train.epochs"] == "1"  # logged by the task at its start
-    assert [h.step for h in client.get_metric_history(warmup.info.run_id, "test_acc")] == [0]
-    assert not children[second]["warmup"].data.params  # served from the cache: logged from its folder by `track`
-
-
-def _first_run_id(uri):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("unpoison")
-    first = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-             if "mlflow.parentRunId" not in r.data.tags][0]
-    return first.data.tags["unpoison.kfp_run_id"]
-
-
-def test_rerun_one_stage_on_recorded_artifacts(kfp_runs, tmp_path, capsys):
-    _, uri, _ = kfp_runs
-    code = main(["rerun", "--run", _first_run_id(uri), "--stage", "final_train", "--mlflow-uri", uri,
-                 "--out", str(tmp_path), "--set", "final.lr=0.02", "--no-mlflow"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert _executed(out) == ["final-train"]  # one stage; every input imported
-    model = Path([ln for ln in out.splitlines() if ln.startswith("output: ")][-1].removeprefix("output: "))
-    meta = json.loads((model / "model.json").read_text())
-    assert meta["train_params"]["lr"] == 0.02 and meta["trained_on"] < 600
-
-
-def test_rerun_a_partition_alone_and_a_scoring_stage_with_everything_downstream(kfp_runs, tmp_path, capsys):
-    _, uri, _ = kfp_runs
-    run_id = _first_run_id(uri)
-    assert main(["rerun", "--run", run_id, "--stage", "partition", "--mlflow-uri", uri, "--out", str(tmp_path),
-                 "--set", "meca.gamma=0.2", "--no-mlflow"]) == 0
-    out = capsys.readouterr().out
-    assert _executed(out) == ["partition"]
-    assert "partition: clean 120  samples 600  suspect 480" in out  # gamma 0.2 of 600 unlearned in round 0
-    assert main(["rerun", "--run", run_id, "--stage", "score", "--downstream", "--mlflow-uri", uri,
-                 "--out", str(tmp_path), "--set", "meca.eps=0.2", "--no-mlflow"]) == 0
-    out = capsys.readouterr().out
-    assert _executed(out) == sorted(MECA_TASKS - {"poison", "warmup"})  # nothing upstream of score
-    assert "no defense" in out and "meca" in out  # evaluation ran: the summary is printed
-
-
-def test_rerun_an_unknown_stage_names_the_defenses_stages(kfp_runs, tmp_path, capsys):
-    _, uri, _ = kfp_runs
-    assert main(["rerun", "--run", _first_run_id(uri), "--stage", "scoring", "--mlflow-uri", uri,
-                 "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "defense 'meca' has no stage 'scoring'" in err and "warmup, score, partition, enhance" in err
-
-
 def test_rerun_unknown_run_is_a_clear_error(tmp_path, capsys):
     code = main(["rerun", "--run", "nope", "--stage", "final_train", "--mlflow-uri",
                  f"sqlite:///{tmp_path / 'm.db'}", "--out", str(tmp_path)])
@@ -283,16 +163,6 @@ def test_submit_rejects_bad_config_before_contacting_kfp(capsys):
     assert "attack.rate" in capsys.readouterr().err
 
 
-def test_cli_runs_the_pipeline_under_kfp_local_and_no_cache_executes_every_task(tmp_path, capsys):
-    argv = ["run", "none", "--engine", "kfp-local", "--no-mlflow", "--out", str(tmp_path),
-            "--set", "train_limit=300", "train.epochs=1"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "executed: evaluate, poison, track, track-exit, track-start, train;" in out and "no defense" in out
-    assert (tmp_path / "kfp-local" / ".kfp_cache").is_dir()
-    assert main([*argv, "--no-cache"]) == 0  # the same run again: without --no-cache every stage would be cached
-    assert "executed: evaluate, poison, track, track-exit, track-start, train; from cache: nothing" in \
-        capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,32 +329,3 @@ def test_rerun_to_a_cluster_pins_the_image_and_passes_no_cache(fake_client, tmp_
     spec = _compiled(pipeline, tmp_path)
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
             if "container" in e} == {DIGEST_IMAGE}
-
-
-def test_a_failing_stage_under_kfp_local_fails_the_mlflow_run_through_the_exit_handler(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setattr(kp, "RETRIES", 0)  # kfp.local honours the retry policy and its backoff: fail at once
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # a learning rate that makes the loss diverge: the training raises FloatingPointError, which fails its task
-    cfg = load_config("cpu", {"train_limit": 300, "train.epochs": 2, "train.lr": 1e6})
-    with pytest.raises(RuntimeError, match="failed"):
-        kp.run_local(kp.build("none"), kp.arguments(cfg, "none"), tmp_path / "kfp", mlflow_uri=uri, cache=False)
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("unpoison").experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.data.tags["unpoison.stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert parent.info.status == "FAILED"  # by the exit task: evaluate and track never ran
-    assert parent.data.tags["unpoison.error"].startswith("stage train: FloatingPointError: no defense: loss became")
-    assert {s: r.info.status for s, r in children.items()} == {"poison": "FINISHED", "train": "FAILED"}
-    assert children["train"].data.tags["unpoison.error"].startswith("FloatingPointError: ")
-    assert children["train"].data.params["train.lr"] == "1000000.0"
-
-
-def test_aabl_pipeline_runs_under_kfp_local(tmp_path):
-    cfg = load_config("cpu", {"train_limit": 400, "train.epochs": 1, "aabl.final.epochs": 1, "aabl.adv_steps": 1,
-                              "aabl.ra_steps": 1, "attack.name": "trojan"})
-    metrics_dir, log = kp.run_local(kp.build("a-abl"), kp.arguments(cfg, "a-abl"), tmp_path)
-    assert set(log.executed) == {"poison", "warmup", "score", "partition", "final-train", "evaluate"} | BOOKKEEPING
-    m = json.loads((metrics_dir / "metrics.json").read_text())
-    assert m["defense"] == "a-abl" and 0 <= m["ra"] <= 1 and "otsu" in m["splits"]
