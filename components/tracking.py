@@ -408,8 +408,7 @@ def finish_run(parent: Run | None, stage_dirs: dict[str, tuple[str, str]], *, fi
                                      f"{name}_target_acc": r["target_acc"]}))
     client.log_batch(parent.run_id, metrics=_metrics(summary))
     if dataset is not None or final_model is not None:
-        mlflow.set_tracking_uri(parent.uri)
-        with mlflow.start_run(run_id=parent.run_id):
+        with _fluent_uri(parent.uri), mlflow.start_run(run_id=parent.run_id):
             if dataset is not None:
                 _log_dataset(dataset)
             if final_model is not None:
@@ -464,6 +463,25 @@ def close_kfp_run(kfp_run_id: str, state: str, message: str | None = None, *, ur
         _close_dangling(client, _children(client, parent))
         return
     fail_run(parent, message or f"the pipeline run ended {state}", "KILLED" if state == "CANCELLED" else "FAILED")
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (mlflow.start_run, mlflow.pytorch.log_model) on `uri` for the block. MLflow 3's
+    set_tracking_uri also exports MLFLOW_TRACKING_URI into this process's environment, which every later subprocess
+    (a kfp.local task) would inherit, tracking into a server that may be gone or another run's store: the variable
+    is put back as it was."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def record_pipeline_run(run_name: str, defense: str, config: dict, stage_dirs: dict[str, tuple[str, str]], *,

@@ -85,8 +85,8 @@ def test_toy_defense_runs_under_kfp_local_and_compiles_with_a_gpu_on_its_trainin
 
     assert resources("fit")["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert "accelerator" not in resources("flag")  # declared gpu=False
-    # no section of its own; the data's fingerprint, for the cache key of the data-reading task
-    assert set(pipeline["root"]["inputDefinitions"]["parameters"]) == {*kp.CONFIG_KEYS, kp.DATA_HASH}
+    # no section of its own; the data's fingerprint, for the cache key of the data-reading task; the poison task's GPU
+    assert set(pipeline["root"]["inputDefinitions"]["parameters"]) == {*kp.CONFIG_KEYS, kp.DATA_HASH, kp.POISON_GPUS}
 
 
 def test_a_stage_reading_an_undeclared_key_is_an_error():

@@ -184,7 +184,7 @@ def test_rerun_a_partition_and_everything_downstream_by_its_mlflow_name(meca_run
     assert "no defense" in out and "meca" in out
 
 
-def test_mlflow_serves_the_defended_model(meca_run):
+def test_mlflow_serves_the_defended_model(meca_run, monkeypatch):
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -196,6 +196,7 @@ def test_mlflow_serves_the_defended_model(meca_run):
     client = MlflowClient(uri)
     parent = [r for r in client.search_runs([client.get_experiment_by_name("unpoison").experiment_id])
               if "mlflow.parentRunId" not in r.data.tags][0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it: put back after the test
     mlflow.set_tracking_uri(uri)
     served = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/model")
     own, _ = artifacts.load_model(run_dir / "final_train")  # MeCa's defended model: the clean model

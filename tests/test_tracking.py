@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 
@@ -55,6 +56,8 @@ def test_logs_loadable_model_and_dataset_input(run_dirs):
     run_id = tracking.record_pipeline_run("r1", "meca", {"attack": {"name": "badnets"}}, dirs, uri=uri,
                                           final_model="final_train/model", dataset=dataset)
     print(f"record_pipeline_run with model: {time.perf_counter() - t0:.1f} s")
+    # logged through MLflow's fluent API, whose set_tracking_uri exports the URI: not left for later subprocesses
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     run = MlflowClient(uri).get_run(run_id)
     model_uri = run.data.tags["unpoison.model_uri"]
     assert model_uri.startswith("models:/")
