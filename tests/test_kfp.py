@@ -329,3 +329,12 @@ def test_rerun_to_a_cluster_pins_the_image_and_passes_no_cache(fake_client, tmp_
     spec = _compiled(pipeline, tmp_path)
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
             if "container" in e} == {DIGEST_IMAGE}
+
+
+def test_a_stage_process_does_not_import_torchvision():
+    # every kfp.local task (and every pod) is a new Python process: torchvision's import (torch._dynamo through its
+    # ops) cost each one about 2 s for two attacks that use it, which import it where they need it
+    code = ("import sys, components.kfp_components, components.runner, components.evaluation; "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "False"

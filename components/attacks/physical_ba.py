@@ -18,7 +18,6 @@ import numbers
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 
 from ..errors import UnpoisonError
 from .base import StaticTrigger
@@ -58,6 +57,8 @@ class PhysicalBA(StaticTrigger):
 
     def transform(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """One random physical transformation per image of x (N, C, H, W)."""
+        import torchvision.transforms.functional as TF  # here: importing torchvision costs every stage process ~2 s
+
         _, _, h, w = x.shape
         out = torch.empty_like(x)
         for i in range(len(x)):

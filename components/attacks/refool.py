@@ -23,7 +23,6 @@ import numbers
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 
 from ..errors import UnpoisonError
 from .base import Attack
@@ -67,6 +66,8 @@ class Refool(Attack):
             r = load_picture(source, c, h + dy, w + dx, "refool reflection")
             return self.ghost_alpha * r[:, :h, :w] + (1 - self.ghost_alpha) * r[:, dy:, dx:]
         r = load_picture(source, c, h, w, "refool reflection")
+        import torchvision.transforms.functional as TF  # here: importing torchvision costs every stage process ~2 s
+
         size = int(2 * math.ceil(2 * self.sigma) + 1)  # BackdoorBox's kernel size
         return TF.gaussian_blur(r[None], [size, size], [float(self.sigma)] * 2)[0]
 
