@@ -152,3 +152,12 @@ def test_the_over_fitted_label_is_the_most_fitted_one_even_without_concentration
 def test_identify_stage_reads_no_ground_truth():
     identify = next(s for s in meca.DEFENSE.stages if s.name == "identify")
     assert set(identify.upstream) == {"data", "enhance", "warmup", "score"}
+
+
+def test_relabel_all_is_eq_12_and_agree_keeps_only_suspects_predicted_as_their_label():
+    suspect = np.array([False, True, True, True])
+    predicted = np.array([3, 0, 2, 1])
+    labels = np.array([3, 0, 0, 1])
+    assert meca.relabels(suspect, predicted, labels, "all").tolist() == [-1, 0, 2, 1]
+    # the suspect predicted as another class is left out, not given that class
+    assert meca.relabels(suspect, predicted, labels, "agree").tolist() == [-1, 0, -1, 1]

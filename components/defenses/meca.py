@@ -63,6 +63,11 @@ class MecaParams(Strict):
     balance: bool = True
     score_batch: int = Field(512, ge=1)
     finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
+    # Section 4.2.4's relabelling (`relabel_finetune`): `all` is Eq. 12, every suspect takes the clean model's
+    # prediction; `agree` (beyond the paper) keeps only the suspects whose prediction is their delivered label and
+    # leaves the others out of the fine-tuning, where Eq. 12 gives a clean sample the clean model misclassifies a
+    # wrong label (the target class's clean samples, most of which identification suspects).
+    relabel: Literal["all", "agree"] = "all"
     finetune_lr: float = Field(0.01, gt=0)
 
 
@@ -225,6 +230,14 @@ def relabel(clean_model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return engine.predict(clean_model, x).argmax(1).numpy()
 
 
+def relabels(suspect: np.ndarray, predicted: np.ndarray, labels: np.ndarray, mode: str) -> np.ndarray:
+    """The split's `relabel` column for the fine-tuning: -1 = not relabelled (a clean-pool sample keeps its label, a
+    suspect is left out). `all`: every suspect takes its prediction (Eq. 12); `agree`: only a suspect predicted as its
+    delivered label returns, with that label."""
+    take = suspect if mode == "all" else suspect & (predicted == labels)
+    return np.where(take, predicted, -1)
+
+
 # --- stage functions ---------------------------------------------------------------------------------------------
 
 def score_kl(dataset: Path, model: Path, out: Path, *, params: MecaParams, seed: int) -> dict:
@@ -303,21 +316,22 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
 
 
 def relabel_finetune(dataset: Path, split: Path, model: Path, out: Path, *, params: TrainParams,
-                     monitor: stages.Monitor | None = None) -> dict:
-    """MeCa section 4.2.4, Eq. 12: relabel the suspect pool with the clean model, then fine-tune the clean model
-    on the clean pool plus the relabelled samples. out/split.parquet (with `relabel`) and out/model."""
+                     mode: str = "all", monitor: stages.Monitor | None = None) -> dict:
+    """MeCa section 4.2.4, Eq. 12: relabel the suspect pool with the clean model (`relabels`, `mode` = MecaParams'
+    `relabel`), then fine-tune the clean model on the clean pool plus the relabelled samples. out/split.parquet (with
+    `relabel`) and out/model."""
     ds = stages.load_dataset(dataset)
     net, _ = artifacts.load_model(model)
     table = artifacts.read_table(split, SPLIT_SCHEMA)
     suspect = table["pool"] == "suspect"
     predicted = relabel(net, torch.from_numpy(ds.images))
-    relabels = np.where(suspect, predicted, -1)
+    column = relabels(suspect, predicted, ds.labels, mode)
     out = Path(out)
-    stages.write_split(~suspect, out / "split.parquet", relabels)
+    stages.write_split(~suspect, out / "split.parquet", column)
     result = stages.train(dataset, out / "model", params=params, model_name="from init", split=out / "split.parquet",
                           init=model, relabel=True, monitor=monitor, desc="fine-tune", checkpoints=out)
-    return {**result, "relabelled": int(suspect.sum()),
-            "relabel_changed": int((suspect & (predicted != ds.labels)).sum())}
+    return {**result, "relabelled": int((column >= 0).sum()),
+            "relabel_changed": int(((column >= 0) & (predicted != ds.labels)).sum())}
 
 
 # --- declaration -------------------------------------------------------------------------------------------------
@@ -353,7 +367,8 @@ DEFENSE = Defense(
               reads=("train", "final", "seed", "model")),
         Stage("relabel_finetune", relabel_finetune, {"dataset": f"{DATA}/dataset.npz",
                                                      "split": "identify/split.parquet", "model": "final_train"},
-              kind="model", monitor=True, params=lambda c: {"params": finetune_params(_train(c), c.meca)},
+              kind="model", monitor=True,
+              params=lambda c: {"params": finetune_params(_train(c), c.meca), "mode": c.meca.relabel},
               reads=("train", "seed", "meca")),
     ),
     evaluation=Evaluation(
