@@ -1,5 +1,6 @@
-"""The demo's command (`make demo`: `unpoison run meca --attack badnets --data sample --set train.epochs=20`), in a short form, run twice on
-one machine gives the same figures: the first thing a user runs must not change between two runs."""
+"""The demo's command (`make demo`: `unpoison run meca --attack badnets --data sample --set train.epochs=20`), in a
+short form, run twice on one machine gives the same figures: the first thing a user runs must not change between two
+runs."""
 
 from __future__ import annotations
 
