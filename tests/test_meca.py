@@ -96,27 +96,29 @@ def test_no_stage_before_evaluation_reads_ground_truth():
 
 def _fitted_target(n_other: int = 30):
     """Label 0: 10 poison (ids 0-9, low KL and losses) and 10 clean (ids 10-19), all fitted but id 19; labels 1 and
-    2: n_other samples each, one of them fitted. Returns fit, labels, warm-up KL, warm-up loss, enhanced loss."""
+    2: n_other samples each, one of them fitted, the others predicted as label 0 (the sink the enhancement sends other
+    classes to). Returns the enhanced model's predictions, labels, warm-up KL, warm-up loss, enhanced loss."""
     labels = np.concatenate([np.zeros(20, int), np.ones(n_other, int), np.full(n_other, 2)])
-    fit = labels == 0
-    fit[19] = False
-    fit[20] = fit[20 + n_other] = True
+    predicted = np.zeros_like(labels)
+    predicted[19] = 1
+    predicted[20], predicted[20 + n_other] = 1, 2
     kl = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(1.0, 2.0, 10), np.ones(2 * n_other)])
     loss = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(0.5, 1.5, 10), np.ones(2 * n_other)])
     enhanced = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(0.2, 0.4, 10), np.ones(2 * n_other)])
-    return fit, labels, kl, loss, enhanced
+    return predicted, labels, kl, loss, enhanced
 
 
 def test_paper_identification_is_line_12():
-    fit, *views = _fitted_target()
-    clean, weight, label = meca.identify(fit, *views, meca.MecaParams(identify="paper"))
+    predicted, labels, *views = _fitted_target()
+    fit = predicted == labels
+    clean, weight, label = meca.identify(predicted, labels, *views, meca.MecaParams(identify="paper"))
     assert np.array_equal(clean, ~fit) and np.array_equal(weight, (~fit).astype(float)) and label is None
 
 
 def test_per_label_identification_returns_the_least_poison_like_share_of_the_over_fitted_label():
-    fit, labels, *scores = _fitted_target()
+    predicted, labels, *scores = _fitted_target()
     params = meca.MecaParams(label_keep=0.25, balance=False)
-    clean, weight, label = meca.identify(fit, labels, *scores, params)
+    clean, weight, label = meca.identify(predicted, labels, *scores, params)
     assert label == 0
     # label 0's unfitted sample (line 12) and the fitted quarter with the highest mean rank of the three views (of
     # 19: 5 samples)
@@ -126,27 +128,29 @@ def test_per_label_identification_returns_the_least_poison_like_share_of_the_ove
 
 
 def test_the_enhanced_models_confidence_is_one_of_the_three_views():
-    fit, labels, kl, loss, enhanced = _fitted_target()
+    predicted, labels, kl, loss, enhanced = _fitted_target()
     loss[:19] = loss[:19][::-1]  # the warm-up's two views now cancel out over label 0's fitted samples (ids 0-18)
     enhanced[:19] = np.linspace(1.0, 0.0, 19)  # and the enhanced model fits ids 0-4 the least surely
-    clean, _, _ = meca.identify(fit, labels, kl, loss, enhanced, meca.MecaParams(label_keep=0.25, balance=False))
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, enhanced, meca.MecaParams(label_keep=0.25, balance=False))
     assert np.flatnonzero(clean[:20]).tolist() == [0, 1, 2, 3, 4, 19]
 
 
 def test_balance_weighs_the_returned_share_as_the_median_other_label():
-    fit, labels, *scores = _fitted_target()
-    clean, weight, _ = meca.identify(fit, labels, *scores, meca.MecaParams(label_keep=0.25))
+    predicted, labels, *scores = _fitted_target()
+    clean, weight, _ = meca.identify(predicted, labels, *scores, meca.MecaParams(label_keep=0.25))
     # labels 1 and 2 keep their 30 samples each in the clean pool, label 0 one by line 12: 29 weight for the 5
     assert weight[14:19].tolist() == [29 / 5] * 5 and weight[19] == 1.0
     assert weight[clean & (labels > 0)].tolist() == [1.0] * 60 and not weight[~clean].any()
 
 
-def test_the_over_fitted_label_is_the_most_fitted_one_even_without_concentration():
-    fit, labels, *scores = _fitted_target()
-    fit[20:35] = True  # label 1 half fitted: the enhancement did not concentrate, label 0 is still the most fitted
-    assert not meca.concentrated([fit[labels == k].mean() for k in range(3)], 0.9, 0.15)
-    clean, _, label = meca.identify(fit, labels, *scores, meca.MecaParams())
+def test_the_suspect_label_is_the_most_predicted_one_or_with_fitted_the_most_fitted_one():
+    predicted, labels, *scores = _fitted_target()
+    predicted[21:50] = 1  # label 1 all fitted (1.0, label 0: 0.95), the rest of label 2 still sent to label 0
+    assert meca.suspect_label(predicted, labels) == 0 and meca.suspect_label(predicted, labels, "fitted") == 1
+    clean, _, label = meca.identify(predicted, labels, *scores, meca.MecaParams())
     assert label == 0 and clean[20:].all() and not clean[:10].any()
+    clean, _, label = meca.identify(predicted, labels, *scores, meca.MecaParams(suspect_label="fitted"))
+    assert label == 1 and clean[:20].all() and not clean[21:50].all()
 
 
 def test_identify_stage_reads_no_ground_truth():

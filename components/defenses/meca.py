@@ -59,6 +59,10 @@ class MecaParams(Strict):
     # samples that the warm-up and enhanced models find least poison-like, weighted
     # (`balance`) so that the label weighs in the pool as much as the median other label.
     identify: Literal["paper", "per_label"] = "per_label"
+    # per_label's suspect label: `predicted`, the label the enhanced model predicts for the most samples (the sink the
+    # enhancement sends other classes' images to), or `fitted`, the label whose own samples it fits the largest share
+    # of (`suspect_label`)
+    suspect_label: Literal["predicted", "fitted"] = "predicted"
     label_keep: float = Field(0.2, ge=0, le=1)
     balance: bool = True
     score_batch: int = Field(512, ge=1)
@@ -172,12 +176,17 @@ def identify_clean(enhanced: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
     return ~fitted(enhanced, x, y)
 
 
-def over_fitted_label(fit: np.ndarray, labels: np.ndarray) -> int:
-    """The delivered label whose samples the enhanced model fits the largest share of: the label the enhancement
-    concentrated on (the stopping rule's test, `concentrated`, asks that it be the only one), where a single-target
-    attack puts all its poison."""
-    by_label = [float(fit[labels == k].mean()) if (labels == k).any() else float("nan")
-                for k in range(int(labels.max()) + 1)]
+def suspect_label(predicted: np.ndarray, labels: np.ndarray, rule: str = "predicted") -> int:
+    """The label per_label identification suspects, from the enhanced model's predictions. `predicted`: the label it
+    predicts for the most samples. The enhancement learns the poison and unlearns the clean samples, so it sends the
+    other classes' images to the label all the poison carries (the paper's Fig. 6: ACC falls, ASR rises); an easy clean
+    class it may still fit is fitted on its own samples only. `fitted`: the label whose own samples it fits the
+    largest share of (the stopping rule's test, `concentrated`, asks that it be the only one)."""
+    k = int(max(labels.max(), predicted.max())) + 1
+    if rule == "predicted":
+        return int(np.argmax(np.bincount(predicted, minlength=k)))
+    fit = predicted == labels
+    by_label = [float(fit[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(k)]
     return int(np.nanargmax(by_label))
 
 
@@ -186,24 +195,26 @@ def within_label_rank(values: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(values, kind="stable"), kind="stable") / max(1, len(values) - 1)
 
 
-def identify(fit: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray, enhanced_loss: np.ndarray,
+def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray, enhanced_loss: np.ndarray,
              params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """The clean pool (True = clean), each sample's weight in the final training and the over-fitted label.
+    """The clean pool (True = clean), each sample's weight in the final training and the suspect label, from the
+    enhanced model's predictions (fitted = predicted as the delivered label).
 
     `paper`: Algorithm 2, line 12, clean = what the enhanced model does not fit, weight 1. `per_label` (beyond the
     paper) reads the enhanced model per delivered label, for a single-target attack (all poison carries one label):
-    line 12 on the label the enhanced model fits the largest share of (`over_fitted_label`) throws that whole label
+    line 12 on the label the enhancement concentrated on (`suspect_label`) throws that whole label
     away, its clean samples with the poison, and the final model loses the class; line 12 on the other labels throws
     away clean samples the enhancement happened to leave fitted. So the other labels stay clean, and in the
-    over-fitted one the samples the enhanced model does not fit stay clean (line 12), and of those it fits, the
+    suspect label the samples the enhanced model does not fit stay clean (line 12), and of those it fits, the
     `label_keep` share least poison-like by three models' views return to the clean pool: the highest mean rank,
     among them, of the warm-up KL (Eq. 3: poison is robust, low KL), the warm-up loss (poison is fitted early, low
     loss) and the enhanced model's loss (it fits poison the most confidently). With `balance` the returned samples
     weigh so that the label's weight in the pool equals the median other label's clean count (never less than 1
     each)."""
+    fit = predicted == labels
     if params.identify == "paper":
         return ~fit, (~fit).astype(np.float64), None
-    label = over_fitted_label(fit, labels)
+    label = suspect_label(predicted, labels, params.suspect_label)
     clean = (labels != label) | ~fit
     members = np.flatnonzero(~clean)
     back = members[:0]
@@ -305,7 +316,7 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
     if len(kl) != len(y):
         raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
                             f"rerun the score stage on this data set")
-    clean, weight, label = identify(fit, y.numpy(), kl, warm_loss, loss, params)
+    clean, weight, label = identify(logits.argmax(1).numpy(), y.numpy(), kl, warm_loss, loss, params)
     stages.write_scores(Path(out) / "scores.parquet", {"enhanced_loss": loss}, model, meta)
     stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
     # the over-fitted label's fitted samples returned to the clean pool
