@@ -308,7 +308,8 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
     x, y = stages.tensors(ds)
     net, meta = artifacts.load_model(model)
     logits = engine.predict(net, x)
-    fit = (logits.argmax(1) == y).numpy()
+    predicted = logits.argmax(1).numpy()
+    fit = predicted == y.numpy()
     loss = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
     warm, _ = artifacts.load_model(warmup)
     warm_loss = torch.nn.functional.cross_entropy(engine.predict(warm, x), y, reduction="none").numpy()
@@ -316,10 +317,10 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
     if len(kl) != len(y):
         raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
                             f"rerun the score stage on this data set")
-    clean, weight, label = identify(logits.argmax(1).numpy(), y.numpy(), kl, warm_loss, loss, params)
+    clean, weight, label = identify(predicted, y.numpy(), kl, warm_loss, loss, params)
     stages.write_scores(Path(out) / "scores.parquet", {"enhanced_loss": loss}, model, meta)
     stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
-    # the over-fitted label's fitted samples returned to the clean pool
+    # the suspect label's fitted samples returned to the clean pool
     back = clean & fit & (y.numpy() == label) if label is not None else np.zeros(len(y), bool)
     return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum()),
             "over_fitted_label": -1 if label is None else label, "returned": int(back.sum()),
