@@ -264,3 +264,16 @@ def ds():
     labels = np.repeat(np.arange(10), 20).astype(np.int64)
     rng.shuffle(labels)
     return ImageSet(images, labels, tuple(f"c{i}" for i in range(10)))
+
+
+@pytest.fixture(scope="session")
+def mini_sample(tmp_path_factory) -> str:
+    """The first 2,000 training and 200 test images of the shipped sample (real CIFAR-10 images), as a Parquet folder
+    in the Hugging Face layout: the data of the tests that run whole pipelines. Their evaluation and per-epoch curves
+    pass over the test split once per model; on the sample's 1,000 test images that was a fifth of a tiny run's time."""
+    from components.data import load_images, save_parquet
+
+    root = tmp_path_factory.mktemp("mini-sample")
+    save_parquet(load_images("sample", "train").subset(slice(0, 2000)), root / "train-00000-of-00001.parquet")
+    save_parquet(load_images("sample", "test").subset(slice(0, 200)), root / "test-00000-of-00001.parquet")
+    return str(root)

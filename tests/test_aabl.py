@@ -151,9 +151,10 @@ SMALL = {"train_limit": 1000, "train.epochs": 2, "aabl.final.epochs": 1, "aabl.a
 
 
 @pytest.fixture(scope="module")
-def aabl_run(tmp_path_factory):
+def aabl_run(tmp_path_factory, mini_sample):
     root = tmp_path_factory.mktemp("runs")
-    return local.run("a-abl", load_config("cpu", {**SMALL, "attack.name": "trojan"}), root, mlflow_uri=None,
+    cfg = load_config("cpu", {**SMALL, "data": mini_sample, "attack.name": "trojan"})
+    return local.run("a-abl", cfg, root, mlflow_uri=None,
                      name="aabl-e2e")
 
 

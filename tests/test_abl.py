@@ -94,9 +94,9 @@ SMALL = {"train_limit": 1000, "train.epochs": 2, "abl.epochs": 2, "attack.name":
 
 
 @pytest.fixture(scope="module")
-def abl_run(tmp_path_factory):
+def abl_run(tmp_path_factory, mini_sample):
     root = tmp_path_factory.mktemp("runs")
-    return local.run("abl", load_config("cpu", SMALL), root, mlflow_uri=None, name="abl-e2e")
+    return local.run("abl", load_config("cpu", {**SMALL, "data": mini_sample}), root, mlflow_uri=None, name="abl-e2e")
 
 
 def test_abl_run_isolates_one_percent_and_continues_the_same_model(abl_run):

@@ -183,9 +183,10 @@ SMALL = {"train_limit": 300, "train.epochs": 1}
 
 
 @pytest.fixture(scope="module")
-def abm_run(tmp_path_factory):
+def abm_run(tmp_path_factory, mini_sample):
     root = tmp_path_factory.mktemp("runs")
-    return local.run("abm", load_config("cpu", {**SMALL, "abm.verification_epochs": 3}), root, mlflow_uri=None,
+    cfg = load_config("cpu", {**SMALL, "data": mini_sample, "abm.verification_epochs": 3})
+    return local.run("abm", cfg, root, mlflow_uri=None,
                      name="abm-e2e")
 
 

@@ -208,9 +208,9 @@ SMALL = {"train_limit": 300, "bsd.altruistic_epochs": 2, "bsd.target_window": 1.
 
 
 @pytest.fixture(scope="module")
-def bsd_run(tmp_path_factory):
+def bsd_run(tmp_path_factory, mini_sample):
     root = tmp_path_factory.mktemp("runs")
-    return local.run("bsd", load_config("cpu", SMALL), root, mlflow_uri=None, name="bsd-e2e")
+    return local.run("bsd", load_config("cpu", {**SMALL, "data": mini_sample}), root, mlflow_uri=None, name="bsd-e2e")
 
 
 def test_bsd_run_repartitions_every_epoch_and_reports_the_pools(bsd_run):

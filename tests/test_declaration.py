@@ -54,11 +54,11 @@ def toy(monkeypatch):
     return DEFENSE
 
 
-def test_toy_defense_runs_with_the_local_runner(toy, tmp_path):
+def test_toy_defense_runs_with_the_local_runner(toy, tmp_path, mini_sample):
     from components.config import load_config
     from pipelines import local
 
-    run_dir = local.run("toy", load_config("cpu", SMALL), tmp_path, mlflow_uri=None, name="toy")
+    run_dir = local.run("toy", load_config("cpu", {**SMALL, "data": mini_sample}), tmp_path, mlflow_uri=None, name="toy")
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["evaluate", "fit", "flag", "poison"]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["defense"] == "toy" and set(m["models"]) == {"plain"} and 0 <= m["acc"] <= 1
@@ -66,13 +66,14 @@ def test_toy_defense_runs_with_the_local_runner(toy, tmp_path):
     assert (run_dir / "suspects.parquet").is_file() and (run_dir / "suspects.png").is_file()
 
 
-def test_toy_defense_runs_under_kfp_local_and_compiles_with_a_gpu_on_its_training_stage(toy, tmp_path):
+def test_toy_defense_runs_under_kfp_local_and_compiles_with_a_gpu_on_its_training_stage(toy, tmp_path, mini_sample):
     from kfp import compiler
 
     from components.config import load_config
     from pipelines import kfp_pipelines as kp
 
-    metrics_dir, log = kp.run_local(kp.build("toy"), kp.arguments(load_config("cpu", SMALL), "toy"), tmp_path)
+    metrics_dir, log = kp.run_local(kp.build("toy"), kp.arguments(load_config("cpu", {**SMALL, "data": mini_sample}), "toy"),
+                                    tmp_path)
     assert set(log.executed) == {"poison", "fit", "flag", "evaluate", "track-start", "track", "track-exit"}
     assert json.loads((metrics_dir / "metrics.json").read_text())["defense"] == "toy"
     compiler.Compiler().compile(kp.build("toy"), str(tmp_path / "toy.yaml"))

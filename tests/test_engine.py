@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -334,3 +335,15 @@ def test_onecycle_schedule_warms_up_then_decays():
     assert 1 <= peak <= 3  # linear warm-up over the first 25 % of the steps
     assert used[0] < used[peak] and used[-1] < 0.2 * used[peak]
     assert all(a >= b for a, b in zip(used[peak:], used[peak + 1:]))
+
+
+def test_the_monitor_uses_a_fifth_of_the_training_set_between_its_bounds(tmp_path):
+    from components import stages
+    from components.data import ImageSet, save_npz
+
+    assert stages.monitor_size(10_000) == stages.MONITOR_SIZE == 2000  # the CPU protocol's curves are unchanged
+    assert stages.monitor_size(5000) == 1000 and stages.monitor_size(1500) == 300
+    assert stages.monitor_size(100) == stages.MONITOR_MIN and stages.monitor_size(10**6) == stages.MONITOR_SIZE
+    images = np.zeros((37, 32, 32, 3), np.uint8)
+    path = save_npz(ImageSet(images, np.zeros(37, np.int64), tuple(f"c{i}" for i in range(10))), tmp_path / "d.npz")
+    assert stages.dataset_size(path) == 37

@@ -26,13 +26,13 @@ def _executed(out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def kfp_runs(tmp_path_factory):
+def kfp_runs(tmp_path_factory, mini_sample):
     """Three runs of the MeCa pipeline under kfp.local: first, identical second, and one with a final-training change."""
     root = tmp_path_factory.mktemp("kfp")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = load_config("cpu", TINY)
+    cfg = load_config("cpu", {**TINY, "data": mini_sample})
     runs = [kp.run_local(kp.build("meca"), kp.arguments(cfg, "meca"), root, mlflow_uri=uri) for _ in range(2)]
-    changed = load_config("cpu", {**TINY, "final.lr": 0.05})
+    changed = load_config("cpu", {**TINY, "data": mini_sample, "final.lr": 0.05})
     runs.append(kp.run_local(kp.build("meca"), kp.arguments(changed, "meca"), root, mlflow_uri=uri))
     return root, uri, runs
 

@@ -13,8 +13,8 @@ from pipelines.cli import main
 BOOKKEEPING = {"track-start", "track", "track-exit"}  # the MLflow tasks: never cached, never retried
 
 
-def test_cli_runs_the_pipeline_under_kfp_local_and_no_cache_executes_every_task(tmp_path, capsys):
-    argv = ["run", "none", "--engine", "kfp-local", "--no-mlflow", "--out", str(tmp_path),
+def test_cli_runs_the_pipeline_under_kfp_local_and_no_cache_executes_every_task(tmp_path, capsys, mini_sample):
+    argv = ["run", "none", "--engine", "kfp-local", "--data", mini_sample, "--no-mlflow", "--out", str(tmp_path),
             "--set", "train_limit=300", "train.epochs=1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -25,13 +25,14 @@ def test_cli_runs_the_pipeline_under_kfp_local_and_no_cache_executes_every_task(
         capsys.readouterr().out
 
 
-def test_a_failing_stage_under_kfp_local_fails_the_mlflow_run_through_the_exit_handler(tmp_path, monkeypatch):
+def test_a_failing_stage_under_kfp_local_fails_the_mlflow_run_through_the_exit_handler(tmp_path, monkeypatch,
+                                                                                          mini_sample):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setattr(kp, "RETRIES", 0)  # kfp.local honours the retry policy and its backoff: fail at once
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # a learning rate that makes the loss diverge: the training raises FloatingPointError, which fails its task
-    cfg = load_config("cpu", {"train_limit": 300, "train.epochs": 2, "train.lr": 1e6})
+    cfg = load_config("cpu", {"data": mini_sample, "train_limit": 300, "train.epochs": 2, "train.lr": 1e6})
     with pytest.raises(RuntimeError, match="failed"):
         kp.run_local(kp.build("none"), kp.arguments(cfg, "none"), tmp_path / "kfp", mlflow_uri=uri, cache=False)
     client = MlflowClient(uri)
@@ -45,8 +46,8 @@ def test_a_failing_stage_under_kfp_local_fails_the_mlflow_run_through_the_exit_h
     assert children["train"].data.params["train.lr"] == "1000000.0"
 
 
-def test_aabl_pipeline_runs_under_kfp_local(tmp_path):
-    cfg = load_config("cpu", {"train_limit": 400, "train.epochs": 1, "aabl.final.epochs": 1, "aabl.adv_steps": 1,
+def test_aabl_pipeline_runs_under_kfp_local(tmp_path, mini_sample):
+    cfg = load_config("cpu", {"data": mini_sample, "train_limit": 400, "train.epochs": 1, "aabl.final.epochs": 1, "aabl.adv_steps": 1,
                               "aabl.ra_steps": 1, "attack.name": "trojan"})
     metrics_dir, log = kp.run_local(kp.build("a-abl"), kp.arguments(cfg, "a-abl"), tmp_path)
     assert set(log.executed) == {"poison", "warmup", "score", "partition", "final-train", "evaluate"} | BOOKKEEPING

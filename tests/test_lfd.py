@@ -73,9 +73,9 @@ SMALL = {"train_limit": 1000, "train.epochs": 2, "lfd.teacher_train.epochs": 2}
 
 
 @pytest.fixture(scope="module")
-def lfd_run(tmp_path_factory):
+def lfd_run(tmp_path_factory, mini_sample):
     root = tmp_path_factory.mktemp("runs")
-    return local.run("lfd", load_config("cpu", SMALL), root, mlflow_uri=None, name="lfd-e2e")
+    return local.run("lfd", load_config("cpu", {**SMALL, "data": mini_sample}), root, mlflow_uri=None, name="lfd-e2e")
 
 
 def test_lfd_run_weights_every_sample_and_trains_the_student_on_all(lfd_run):

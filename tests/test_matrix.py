@@ -223,7 +223,7 @@ def test_results_table_parquet_and_plot(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_2x2_matrix_runs_under_kfp_local_and_collects_every_cell(tmp_path, capsys):
+def test_a_2x2_matrix_runs_under_kfp_local_and_collects_every_cell(tmp_path, capsys, mini_sample):
     """none and adv-train (whose warm-up is the shared no-defense training) x badnets and blend, tiny settings."""
     import builtins
 
@@ -232,7 +232,7 @@ def test_a_2x2_matrix_runs_under_kfp_local_and_collects_every_cell(tmp_path, cap
     out, runs = tmp_path / "results", tmp_path / "runs"
     original_print = builtins.print
     assert main(["benchmark", "--engine", "kfp-local", "--defenses", "none,adv-train", "--attacks", "badnets,blend",
-                 "--data", "sample", "--out", str(out), "--runs", str(runs), "--parallelism", "2",
+                 "--data", mini_sample, "--out", str(out), "--runs", str(runs), "--parallelism", "2",
                  "--set", "train_limit=300", "train.epochs=1", "aabl.final.epochs=1", "aabl.adv_steps=1",
                  "aabl.ra_steps=1"]) == 0
     printed = capsys.readouterr().out

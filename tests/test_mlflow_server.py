@@ -22,10 +22,10 @@ from conftest import free_port, mlflow_serving
 from pipelines import local
 
 
-def test_pipeline_run_logged_to_mlflow_server_with_artifacts_on_s3(mlflow_server, tmp_path):
+def test_pipeline_run_logged_to_mlflow_server_with_artifacts_on_s3(mlflow_server, tmp_path, mini_sample):
     from mlflow.tracking import MlflowClient
 
-    cfg = load_config("cpu", {"train_limit": 500, "train.epochs": 1})
+    cfg = load_config("cpu", {"data": mini_sample, "train_limit": 500, "train.epochs": 1})
     run_dir = local.run("none", cfg, tmp_path, mlflow_uri=mlflow_server, name="none-on-server")
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("unpoison")

@@ -21,10 +21,11 @@ STAGES = ["poison", "warmup", "score", "partition", "enhance", "identify", "fina
 
 
 @pytest.fixture(scope="module")
-def meca_run(tmp_path_factory):
+def meca_run(tmp_path_factory, mini_sample):
     root = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    run_dir = local.run("meca", load_config("cpu", SMALL), root, mlflow_uri=uri, name="meca-e2e")
+    run_dir = local.run("meca", load_config("cpu", {**SMALL, "data": mini_sample}), root, mlflow_uri=uri,
+                        name="meca-e2e")
     return run_dir, uri
 
 
@@ -130,10 +131,11 @@ def test_mlflow_parent_and_child_runs(meca_run):
     assert "score/scores.parquet" in listed
 
 
-def test_none_pipeline_equals_meca_warmup(meca_run, tmp_path):
+def test_none_pipeline_equals_meca_warmup(meca_run, tmp_path, mini_sample):
     """The benchmark reads the no-defense record from MeCa's warm-up: both must be the same training."""
     run_dir, _ = meca_run
-    none_dir = local.run("none", load_config("cpu", SMALL), tmp_path, mlflow_uri=None, name="none-e2e")
+    none_dir = local.run("none", load_config("cpu", {**SMALL, "data": mini_sample}), tmp_path, mlflow_uri=None,
+                         name="none-e2e")
     warm = json.loads((run_dir / "warmup" / "model.json").read_text())
     plain = json.loads((none_dir / "train" / "model.json").read_text())
     assert plain["weights_sha256"] == warm["weights_sha256"]
@@ -141,9 +143,9 @@ def test_none_pipeline_equals_meca_warmup(meca_run, tmp_path):
     assert m["models"]["nodef"] == json.loads((run_dir / "metrics.json").read_text())["models"]["nodef"]
 
 
-def test_cli_prints_summary(tmp_path, capsys):
-    code = main(["run", "none", "--attack", "blend", "--no-mlflow", "--out", str(tmp_path), "--name", "cli",
-                 "--set", "train_limit=600", "train.epochs=1"])
+def test_cli_prints_summary(tmp_path, capsys, mini_sample):
+    code = main(["run", "none", "--attack", "blend", "--data", mini_sample, "--no-mlflow", "--out", str(tmp_path),
+                 "--name", "cli", "--set", "train_limit=600", "train.epochs=1"])
     assert code == 0
     out = capsys.readouterr().out
     assert "no defense" in out and "ACC" in out and str(tmp_path / "cli") in out
@@ -209,7 +211,7 @@ def test_mlflow_serves_the_defended_model(meca_run, monkeypatch):
     assert digest.startswith(dataset.dataset.digest)
 
 
-def _image_folder(root, n_train: int, n_poison: int, size: int) -> set[str]:
+def _image_folder(root, n_train: int, n_test: int, n_poison: int, size: int) -> set[str]:
     """An image folder (train/ and test/ by class) from the shipped sample, with `n_poison` training images stamped
     with a `size` x `size` BadNets patch and moved to class 0: a data set delivered already poisoned. Returns the
     poisoned files' paths relative to the folder."""
@@ -218,7 +220,8 @@ def _image_folder(root, n_train: int, n_poison: int, size: int) -> set[str]:
     from components.attacks import build_attack
     from components.data import load_images
 
-    train, test = load_images("sample", "train").subset(slice(0, n_train)), load_images("sample", "test")
+    train = load_images("sample", "train").subset(slice(0, n_train))
+    test = load_images("sample", "test").subset(slice(0, n_test))
     rng = np.random.default_rng(1)
     poison = np.sort(rng.choice(np.flatnonzero(train.labels != 0), n_poison, replace=False))
     images, labels = train.images.copy(), train.labels.copy()
@@ -240,10 +243,11 @@ def test_defend_an_image_folder_as_delivered(tmp_path, capsys):
     """MeCa with --attack none on a folder that arrived poisoned: most poisoned files are among the top suspects by
     path, the grid exists, and the most suspicious samples' labels point at the relabelled class."""
     folder = tmp_path / "bought"
-    poisoned = _image_folder(folder, n_train=800, n_poison=80, size=6)
+    poisoned = _image_folder(folder, n_train=800, n_test=300, n_poison=80, size=6)
+    # the suspects come from the warm-up's scores: the final training only has to run (2 epochs)
     code = main(["run", "meca", "--attack", "none", "--data", str(folder), "--out", str(tmp_path / "runs"),
                  "--name", "bought", "--no-mlflow", "--set", "train.epochs=10", "train.batch_size=32",
-                 "meca.rounds=2", "meca.finetune_epochs=1"])
+                 "meca.rounds=2", "meca.finetune_epochs=1", "final.epochs=2"])
     assert code == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "bought"
@@ -277,13 +281,14 @@ def test_an_image_folder_without_a_test_split_is_not_evaluated_on_its_training_i
     assert "no test split" in (run_dir / "report.md").read_text()
 
 
-def test_declared_meca_gives_the_weights_of_the_explicit_stage_sequence(tmp_path):
+def test_declared_meca_gives_the_weights_of_the_explicit_stage_sequence(tmp_path, mini_sample):
     """The port onto declarations changed nothing: MeCa's stages called one by one, as the runner before the
     declarations called them, give the same weights as `local.run` of the declaration."""
     from components import stages
     from components.defenses import meca
 
-    cfg = load_config("cpu", {"train_limit": 300, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1})
+    cfg = load_config("cpu", {"data": mini_sample, "train_limit": 300, "train.epochs": 1, "meca.rounds": 2,
+                              "meca.finetune_epochs": 1})
     run_dir = local.run("meca", cfg, tmp_path, mlflow_uri=None, name="declared")
     d, p = tmp_path / "explicit", cfg.meca
     train = cfg.train.model_copy(update={"seed": cfg.seed})

@@ -62,9 +62,10 @@ def test_a_failing_stage_leaves_failed_runs_with_the_epochs_before_the_failure(t
 
 
 @pytest.mark.slow  # runs a pipeline
-def test_a_run_is_logged_while_it_runs_and_finished_at_the_end(tmp_path):
+def test_a_run_is_logged_while_it_runs_and_finished_at_the_end(tmp_path, mini_sample):
     uri = tracking.default_uri(tmp_path)
-    run_dir = local.run("none", load_config("cpu", {**TINY, "train.epochs": 2}), tmp_path, mlflow_uri=uri, name="ok")
+    run_dir = local.run("none", load_config("cpu", {**TINY, "data": mini_sample, "train.epochs": 2}), tmp_path,
+                        mlflow_uri=uri, name="ok")
     client = MlflowClient(uri)
     parent, children = _runs(client, "ok")
     assert parent.info.status == "FINISHED" and "unpoison.error" not in parent.data.tags
@@ -91,7 +92,7 @@ def test_a_run_is_logged_while_it_runs_and_finished_at_the_end(tmp_path):
         run_dir / "train")
 
     # a rerun of one stage: that stage live, the stages it read from the earlier run tagged with their producer
-    again = local.rerun("none", load_config("cpu", {**TINY, "train.epochs": 1}),
+    again = local.rerun("none", load_config("cpu", {**TINY, "data": mini_sample, "train.epochs": 1}),
                         {p.name: p for p in run_dir.iterdir() if (p / "stage.json").is_file()}, "train", tmp_path,
                         downstream=False, mlflow_uri=uri, name="ok-rerun")
     parent, children = _runs(client, "ok-rerun")

@@ -195,7 +195,9 @@ def run_stage(st: Stage, cfg, out: Path, dirs: Mapping[str, Path], data_name: st
     if "dirs" in kwargs:  # evaluation also reads the ground truth: apart under KFP, in the data folder locally
         kwargs["dirs"] = {**kwargs["dirs"], "truth": Path(dirs.get("truth", dirs[data_name]))}
     if st.monitor:  # no curves without a test split: a folder's training images are no test set
-        monitor = (stages.Monitor(cfg.data, resolve(f"{DATA}/attack.json", dirs, data_name))
+        dataset = resolve(f"{DATA}/dataset.npz", dirs, data_name)
+        monitor = (stages.Monitor(cfg.data, resolve(f"{DATA}/attack.json", dirs, data_name),
+                                  stages.monitor_size(stages.dataset_size(dataset)))
                    if stages.has_test_split(cfg.data) else None)
         kwargs["monitor"] = per_epoch(monitor, on_epoch)
     return stages.recorded(st.name, st.fn, out, **kwargs)
