@@ -165,3 +165,19 @@ def test_relabel_all_is_eq_12_and_agree_keeps_only_suspects_predicted_as_their_l
     assert meca.relabels(suspect, predicted, labels, "all").tolist() == [-1, 0, 2, 1]
     # the suspect predicted as another class is left out, not given that class
     assert meca.relabels(suspect, predicted, labels, "agree").tolist() == [-1, 0, -1, 1]
+
+
+def test_the_second_pass_returns_the_suspect_labels_samples_the_clean_model_vouches_for():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    first = np.array([False, False, True, False, True, True, True, False])  # sample 7: another label's suspect
+    clean_predicted = np.array([0, 1, 2, 0, 1, 0, 2, 2])
+    clean = meca.vouched(first, labels, 0, clean_predicted)
+    # label 0: sample 0 and 3 predicted 0 return, sample 1 (a dirty-label poison predicted as its own class 1) stays
+    # out, sample 2 was clean already; sample 7 is not of the suspect label and stays out though predicted as its own
+    assert clean.tolist() == [True, False, True, True, True, True, True, False]
+    weight = meca.balance_weights(clean, labels, 0, np.array([0, 3]))
+    # label 0 holds 3 clean samples, 2 of them returned; the median other label holds 1.5 (labels 1 and 2: 2 and 1)
+    assert weight.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    # label 1 keeps only sample 7, returned: it weighs as the 4 samples of label 0
+    pool = np.array([True, True, True, True, False, False, False, True])
+    assert meca.balance_weights(pool, np.array([0, 0, 0, 0, 1, 1, 1, 1]), 1, np.array([7]))[7] == 4.0

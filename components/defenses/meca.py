@@ -223,12 +223,28 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np
                          + within_label_rank(enhanced_loss[members])) / 3
         back = members[poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)]
         clean[back] = True
+    weight = balance_weights(clean, labels, label, back) if params.balance else clean.astype(np.float64)
+    return clean, weight, label
+
+
+def balance_weights(clean: np.ndarray, labels: np.ndarray, label: int, back: np.ndarray) -> np.ndarray:
+    """Each sample's weight in the final training: 1 in the clean pool, 0 outside it, and the suspect label's samples
+    returned to the pool (`back`, indices) weighted so that the label weighs as much as the median other label's
+    clean count (never less than 1 each)."""
     weight = clean.astype(np.float64)
-    if params.balance and len(back):
+    if len(back):
         counts = np.bincount(labels[clean], minlength=int(labels.max()) + 1)
         missing = float(np.median(np.delete(counts, label))) - (counts[label] - len(back))
         weight[back] = max(1.0, missing / len(back))
-    return clean, weight, label
+    return weight
+
+
+def vouched(clean: np.ndarray, labels: np.ndarray, label: int, clean_predicted: np.ndarray) -> np.ndarray:
+    """A second identification pass (beyond the paper; `scripts/meca_second_pass.py`, not a stage): the suspects of
+    the suspect label that the clean model, trained on the first pass's pool, predicts as that label return to the
+    pool. A dirty-label poison is another class's image, which the clean model, having seen little or none of the
+    poison, assigns to its own class; a clean sample of the label it assigns to the label. True = clean."""
+    return clean | ((labels == label) & (clean_predicted == label))
 
 
 def finetune_params(train: TrainParams, params: MecaParams) -> TrainParams:
