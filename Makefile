@@ -24,9 +24,9 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/unpoison run meca --attack badnets --data sample --set train.epochs=20
 
 # One pytest-xdist worker per core, each pinned to its core (tests/conftest.py); a test file stays on one worker, so
-# its module fixtures (an end-to-end run, a server) are built once.
+# its module fixtures (an end-to-end run, a server) are built once; the heaviest files go first (conftest's HEAVY_FIRST).
 test: $(VENV)/.installed $(TOOLS)/.installed
-	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest -n auto --dist loadfile
+	CHECKOV=$(TOOLS)/bin/checkov $(VENV)/bin/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # The unit tests only, for local iteration: no pipeline, server or checker runs (tests/conftest.py marks those slow).
 test-fast: $(VENV)/.installed
