@@ -368,7 +368,7 @@ def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None =
                cache_root=str(root / ".kfp_cache"))
     log = TaskLog()
     logger = logging.getLogger()
-    old_level = logger.level
+    old_level, old_handlers = logger.level, logger.handlers[:]
     logger.addHandler(log)
     logger.setLevel(logging.INFO)
     # the tasks inherit this process's environment: the tracking URI, and the run id a pod reads from its label
@@ -377,13 +377,15 @@ def run_local(pipeline, arguments: dict, root: Path, *, mlflow_uri: str | None =
     os.environ.update(env)
     # kfp.local indents a task's prints by swapping builtins.print for the task's span (logging_utils.indented_print);
     # two loop iterations in parallel (the matrix's ParallelFor) can restore each other's swap and leave every later
-    # print of this process indented: put the original back
+    # print of this process indented: put the original back. Its logging context (logging_utils.local_logger_context)
+    # swaps the root logger's handlers the same way, and the race can leave a task's StreamHandler on a stdout that a
+    # caller (pytest's capture) has closed since: every later log record then fails. Put the handlers back too.
     original_print = builtins.print
     try:
         task = pipeline(**arguments)
     finally:
         builtins.print = original_print
-        logger.removeHandler(log)
+        logger.handlers[:] = old_handlers
         logger.setLevel(old_level)
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.update({k: v})

@@ -133,5 +133,6 @@ def _print_result(run_dir: Path, stage: str, out: Path | None = None) -> None:
     history = out / "history.json"
     if history.is_file() and (h := artifacts.read_json(history)) and "test_acc" in h[-1]:
         asr = f"  ASR {h[-1]['test_asr']:.4f}" if "test_asr" in h[-1] else ""
-        print(f"{stage}: ACC {h[-1]['test_acc']:.4f}{asr} (last epoch, on the first {MONITOR_SIZE} test images)")
+        print(f"{stage}: ACC {h[-1]['test_acc']:.4f}{asr} (last epoch, on the monitor's first test images, "
+              f"at most {MONITOR_SIZE})")
     print(f"output: {out}")

@@ -226,11 +226,12 @@ def test_results_table_parquet_and_plot(tmp_path):
 def test_a_2x2_matrix_runs_under_kfp_local_and_collects_every_cell(tmp_path, capsys, mini_sample):
     """none and adv-train (whose warm-up is the shared no-defense training) x badnets and blend, tiny settings."""
     import builtins
+    import logging
 
     from mlflow.tracking import MlflowClient
 
     out, runs = tmp_path / "results", tmp_path / "runs"
-    original_print = builtins.print
+    original_print, original_handlers = builtins.print, logging.getLogger().handlers[:]
     assert main(["benchmark", "--engine", "kfp-local", "--defenses", "none,adv-train", "--attacks", "badnets,blend",
                  "--data", mini_sample, "--out", str(out), "--runs", str(runs), "--parallelism", "2",
                  "--set", "train_limit=300", "train.epochs=1", "aabl.final.epochs=1", "aabl.adv_steps=1",
@@ -238,6 +239,7 @@ def test_a_2x2_matrix_runs_under_kfp_local_and_collects_every_cell(tmp_path, cap
     printed = capsys.readouterr().out
     # kfp.local's indented print (swapped per task, raced by the parallel iterations) does not outlive the run
     assert builtins.print is original_print
+    assert logging.getLogger().handlers == original_handlers  # nor does a task's log handler on a stream since closed
     records = json.loads((out / "cpu-reference.json").read_text())
     assert sorted((r["defense"], r["attack"]) for r in records) == [
         ("adv-train", "badnets"), ("adv-train", "blend"), ("none", "badnets"), ("none", "blend")]
