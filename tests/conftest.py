@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import secrets
 import shutil
@@ -289,3 +290,16 @@ def mini_sample(tmp_path_factory) -> str:
     save_parquet(load_images("sample", "train").subset(slice(0, 2000)), root / "train-00000-of-00001.parquet")
     save_parquet(load_images("sample", "test").subset(slice(0, 200)), root / "test-00000-of-00001.parquet")
     return str(root)
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_on_a_closed_stream():
+    """After each test, drop root-logger handlers that write to a stream closed since (a library's StreamHandler made
+    on the stream pytest's capsys had swapped in): every later log record would fail on it and print '--- Logging
+    error ---' into the next test's captured stderr. Seen once in `make test` (test_kfp's unreachable-host test) after
+    the heavy files began to run first; run_local puts the handlers back, this guards what else may leave one."""
+    yield
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            root.removeHandler(handler)
