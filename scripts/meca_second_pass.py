@@ -4,9 +4,10 @@ and Trojan backdoors too", item 4). A research tool, not a stage: MeCa's pipelin
 The first pass is the run's own identification (`identify/split.parquet`): of the suspect label (the one the enhanced
 model predicts most) a fifth of the fitted samples returns, weighted, and the clean model (`final_train`) learns the
 label from them. The second pass (`meca.vouched`) returns every suspect of that label the clean model predicts as the
-label, and weighs the label's returned samples (those the enhanced model fits) again so the label weighs as much as the median other label
-(`meca.balance_weights`). It reads what a defender has: the delivered labels, the first pass's pool and the clean
-model's predictions; the ground truth, where the run has it, is only printed.
+label, and weighs the label's returned samples (those the enhanced model fits) again, so that the label weighs as
+much as the median other label (`meca.balance_weights`). It reads what a defender has: the delivered labels, the
+first pass's pool, the enhanced model's fit (enhance/rounds.parquet) and the clean model's predictions; the ground
+truth, where the run has it, is only printed.
 
 The script copies the run folder without its final training and later stages into --out, writes the second pass's
 pool there as identify/split.parquet and prints the command that trains and evaluates the final model on it:
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from components import artifacts, engine, stages  # noqa: E402
-from components.artifacts import SAMPLE_SCHEMA, SPLIT_SCHEMA  # noqa: E402
+from components.artifacts import ROUNDS_SCHEMA, SAMPLE_SCHEMA, SPLIT_SCHEMA  # noqa: E402
 from components.defenses import meca  # noqa: E402
 from components.errors import UnpoisonError  # noqa: E402
 
@@ -50,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     first = artifacts.read_table(run / "identify" / "split.parquet", SPLIT_SCHEMA)["pool"] == "clean"
     net, _ = artifacts.load_model(run / "final_train")
     clean = meca.vouched(first, labels, label, engine.predict(net, x).argmax(1).numpy())
-    enhanced, _ = artifacts.load_model(run / "enhance" / "model")
-    back = np.flatnonzero(clean & (labels == label) & meca.fitted(enhanced, x, y))  # returned, as in `identify`
+    rounds = artifacts.read_table(run / "enhance" / "rounds.parquet", ROUNDS_SCHEMA)
+    fitted = rounds["fitted"][rounds["round"] == rounds["round"].max()]  # by the enhanced model, its last round
+    back = np.flatnonzero(clean & (labels == label) & fitted)  # returned, as in `identify`
     weight = meca.balance_weights(clean, labels, label, back)
     print(f"suspect label {label}: first pass {int(first.sum())} clean, {int((first & (labels == label)).sum())} of "
           f"the label; second pass {int(clean.sum())} clean, {int((clean & (labels == label)).sum())} of the label, "

@@ -253,17 +253,18 @@ SLOW_FIXTURES = {"s3_server", "mlflow_server", "meca_run", "aabl_run", "abl_run"
 # tests first, which left the heaviest files, with few tests each, to the end of the run): a worker that starts on one
 # while the other works through the small files lets the two finish together, also where one core is busy with other
 # work (loadfile hands each free worker the next file).
-HEAVY_FIRST = ("test_pipeline_e2e", "test_kfp_cache", "test_matrix", "test_kfp_local", "test_mlflow_server", "test_demo",
-               "test_declaration", "test_performance_benchmark", "test_aabl", "test_checkpoint", "test_retries",
+HEAVY_FIRST = ("test_pipeline_e2e", "test_kfp_cache", "test_matrix", "test_kfp_local", "test_mlflow_server",
+               "test_demo", "test_declaration", "test_performance_benchmark", "test_aabl", "test_checkpoint", "test_retries",
                "test_kfp", "test_bsd", "test_abm", "test_lfd", "test_abl", "test_tracking_live")
 
 
 def pytest_collection_modifyitems(config, items):
+    module = lambda item: item.module.__name__.rsplit(".", 1)[-1]  # noqa: E731
     for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+        if module(item) in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))  # stable
 
 
 @pytest.fixture(scope="module")
