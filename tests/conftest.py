@@ -254,8 +254,8 @@ SLOW_FIXTURES = {"s3_server", "mlflow_server", "meca_run", "aabl_run", "abl_run"
 # while the other works through the small files lets the two finish together, also where one core is busy with other
 # work (loadfile hands each free worker the next file).
 HEAVY_FIRST = ("test_pipeline_e2e", "test_kfp_cache", "test_matrix", "test_kfp_local", "test_mlflow_server",
-               "test_demo", "test_declaration", "test_performance_benchmark", "test_aabl", "test_checkpoint", "test_retries",
-               "test_kfp", "test_bsd", "test_abm", "test_lfd", "test_abl", "test_tracking_live")
+               "test_demo", "test_declaration", "test_performance_benchmark", "test_aabl", "test_checkpoint",
+               "test_retries", "test_kfp", "test_bsd", "test_abm", "test_lfd", "test_abl", "test_tracking_live")
 
 
 def pytest_collection_modifyitems(config, items):
