@@ -28,12 +28,15 @@ Choices where the sources leave room:
 - Batches are drawn by cycling random permutations of each pool (a data loader that restarts when exhausted), anew
   each epoch, so an epoch depends only on the pools and the generator: a resumed training repeats it exactly. A pool
   smaller than the batch is repeated within the batch. An empty unlabelled pool leaves L = L_x.
-- The learning rate is constant (ASD: Adam 0.002, no schedule); the optimizer is the caller's.
+- The learning rate is constant (ASD: Adam 0.002, no schedule) unless the caller passes `lr`, the learning rate as a
+  function of t (epochs, fractional), set before every iteration: a function of t alone, so a resumed training
+  repeats it without a scheduler state. The optimizer is the caller's.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,7 +101,8 @@ class _Cycle:
 
 def epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
           labelled: torch.Tensor, unlabelled: torch.Tensor, p: TrainParams, mm: MixMatchParams, *, epoch: int,
-          rampup: int, num_classes: int, gen: torch.Generator, device: torch.device) -> dict:
+          rampup: int, num_classes: int, gen: torch.Generator, device: torch.device,
+          lr: Callable[[float], float] | None = None) -> dict:
     """One MixMatch epoch of `mm.iterations` iterations: `model` (already on `device`, in place) learns from the
     samples `labelled` (indices into `images`, with `labels`) and `unlabelled` (indices, labels unused), batch
     `p.batch_size` each. `images` (N, H, W, C) uint8 and `labels` are on `device`. Returns the epoch's record."""
@@ -128,7 +132,11 @@ def epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, la
         perm = torch.randperm(len(w_in), generator=gen).to(device)
         mixed = lam * w_in + (1 - lam) * w_in[perm]
         mixed_target = lam * w_target + (1 - lam) * w_target[perm]
-        weight = rampup_weight(mm.lambda_u, epoch + it / mm.iterations, rampup)
+        t = epoch + it / mm.iterations
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr(t)
+        weight = rampup_weight(mm.lambda_u, t, rampup)
         with engine.autocast(device, p):
             logits = model(_layout(mixed, p))
         loss, loss_x, loss_u = mixmatch_loss(logits, mixed_target, b, weight)

@@ -74,6 +74,10 @@ def test_mixmatch_epoch_trains_and_repeats_with_the_same_generator():
     with pytest.raises(UnpoisonError, match="labelled pool"):
         semisup.epoch(model, opt, x, y, torch.arange(0), torch.arange(40), p, mm, epoch=0, rampup=10, num_classes=10,
                       gen=torch.Generator(), device=CPU)
+    seen = []  # `lr`, a function of t, sets the rate before every iteration
+    semisup.epoch(model, opt, x, y, torch.arange(5), torch.arange(5, 40), p, mm, epoch=3, rampup=10, num_classes=10,
+                  gen=torch.Generator(), device=CPU, lr=lambda t: seen.append(t) or t / 100)
+    assert seen == [3.0, 3.5] and opt.param_groups[0]["lr"] == pytest.approx(0.035)
 
 
 # --------------------------------------------------------------------------------------------------- BSD
@@ -106,6 +110,21 @@ def test_class_completion_tops_up_the_fewest_class():
     # a tie of the two fewest changes nothing, and says so
     clean, info = bsd.class_completion(np.arange(6.0), np.array([0, 0, 1, 1, 2, 2]), 0.34, 3)
     assert info["completion_tie"] and info["completion_added"] == 0
+
+
+def test_every_class_completion_gives_each_class_its_share_of_a_typical_class():
+    # classes 0 / 1 / 2 with 4 / 4 / 8 samples (class 2 inflated, as relabelled poison inflates the target): median 4
+    labels = np.array([0] * 4 + [1] * 4 + [2] * 8)
+    score = np.array([9, 8, 7, 6, 0.1, 0.4, 0.3, 0.2, 5, 4, 3, 2, 1, 0.9, 0.8, 0.7])
+    assert not bsd.top_share(score, 0.5)[4:8].any()  # the global top half holds no sample of class 1
+    clean, info = bsd.every_class_completion(score, labels, 0.5, 3)
+    # class 0: its top 2; class 1: its top 2 (0.4, 0.3); class 2: 0.5 * min(8, 4) = 2 of 8, its top 2 (5, 4)
+    assert np.flatnonzero(clean).tolist() == [0, 1, 5, 6, 8, 9]
+    assert info["completed_class"] is None and info["completion_added"] == 2  # 5 and 6; the global top 8 has the rest
+    # balanced classes: every class its own top share; an absent class takes no part
+    labels = np.array([0, 0, 2, 2])
+    clean, _ = bsd.every_class_completion(np.array([1.0, 2.0, 4.0, 3.0]), labels, 0.5, 3)
+    assert clean.tolist() == [False, True, True, False]
 
 
 def test_selective_dropping_removes_what_both_models_call_the_target():
@@ -193,6 +212,22 @@ def test_configuration_keeps_the_paper_proportions_and_rejects_bad_phases():
         load_config("cpu", {"bsd.t2": 20})
     with pytest.raises(UnpoisonError, match="beta"):
         load_config("cpu", {"bsd.beta": 0.9})
+    # a partial override changes those keys of f's and g's settings, not the whole dict
+    c = load_config("cpu", {"bsd.semi.schedule": "cosine", "bsd.altruistic.lr": 0.01})
+    assert (bsd.semi_params(c).optimizer, bsd.semi_params(c).lr, bsd.semi_params(c).schedule) == ("adam", 0.002, "cosine")
+    assert (bsd.altruistic_params(c).optimizer, bsd.altruistic_params(c).lr) == ("adam", 0.01)
+    with pytest.raises(UnpoisonError, match="'constant' \\(the paper's\\), 'cosine' or 'onecycle'"):
+        load_config("cpu", {"bsd.semi.schedule": "step"})
+
+
+def test_semi_lr_at_its_anchors():
+    assert bsd.semi_lr(0.002, "cosine", 0, 12) == 0.002
+    assert bsd.semi_lr(0.002, "cosine", 6, 12) == pytest.approx(0.001)
+    assert bsd.semi_lr(0.002, "cosine", 12, 12) == 0 and bsd.semi_lr(0.002, "cosine", 13, 12) == 0
+    assert bsd.semi_lr(0.1, "onecycle", 0, 12) == pytest.approx(0.004)  # lr / 25
+    assert bsd.semi_lr(0.1, "onecycle", 3, 12) == pytest.approx(0.1)  # the peak at a quarter
+    assert bsd.semi_lr(0.1, "onecycle", 12, 12) == pytest.approx(0.1 / 25e4)
+    assert bsd.semi_lr(0.002, "constant", 7, 12) == 0.002
 
 
 def test_no_stage_reads_the_ground_truth():

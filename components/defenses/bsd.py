@@ -61,13 +61,13 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from components import artifacts, checkpoint, engine, semisup, splits, stages
@@ -79,8 +79,8 @@ from components.params import Strict, TrainParams, check_overrides, final_params
 from components.scores import sample_loss, symmetric_cross_entropy
 from components.semisup import MixMatchParams
 
-__all__ = ["BsdParams", "DEFENSE", "alpha_schedule", "class_completion", "estimate_target", "initial_pools",
-           "local_gradient_ascent", "oss_distance", "selective_dropping", "top_share"]
+__all__ = ["BsdParams", "DEFENSE", "alpha_schedule", "class_completion", "estimate_target", "every_class_completion",
+           "initial_pools", "local_gradient_ascent", "oss_distance", "selective_dropping", "semi_lr", "top_share"]
 
 # g's training (5.1, C.4): Adam lr 1e-3, CE; batch 128 (NG: ASD's loader), no weight decay, constant lr (NG).
 ALTRUISTIC_TRAIN = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "batch_size": 128}
@@ -103,12 +103,19 @@ class BsdParams(Strict):
     t2: int = Field(90, ge=1)  # T_2: the end of class completion; g is frozen from here
     t3: int = Field(120, ge=1)  # T_3: the end of training
     alpha: float = Field(0.6, gt=0, le=1)  # the final clean share (5.1)
+    completion: Literal["fewest", "every"] = "fewest"  # Eq. 8 tops up the fewest class; "every": each class (not 4.2)
     beta: float = Field(0.2, gt=0, le=1)  # OSS's share of D_t, and the clean share at T_1 (5.1)
     semi: dict[str, Any] = SEMI_TRAIN  # overrides of `train` for f's MixMatch training
     mixmatch: MixMatchParams = MixMatchParams()  # iterations per epoch, T, Beta's a, lambda_u, ramp-up (None: T_3)
     sce_alpha: float = Field(0.1, ge=0)  # SCE = sce_alpha * CE + sce_beta * RCE (NG: ASD's)
     sce_beta: float = Field(1.0, ge=0)
     score_batch: int = Field(512, ge=1)
+
+    @field_validator("altruistic", "semi")
+    @classmethod
+    def _onto_defaults(cls, value: dict, info) -> dict:
+        """A partial dict (`--set bsd.semi.lr=...`) changes those keys of the defaults, not the whole dict."""
+        return {**{"altruistic": ALTRUISTIC_TRAIN, "semi": SEMI_TRAIN}[info.field_name], **value}
 
     @model_validator(mode="after")
     def _check(self):
@@ -119,6 +126,9 @@ class BsdParams(Strict):
             raise ValueError(f"bsd.beta {self.beta} exceeds bsd.alpha {self.alpha}: the clean share grows from beta "
                              f"to alpha; give beta <= alpha")
         check_overrides("bsd", altruistic=self.altruistic, semi=self.semi)
+        if self.semi["schedule"] not in ("constant", "cosine", "onecycle"):
+            raise ValueError(f"bsd.semi.schedule {self.semi['schedule']!r}: f's MixMatch training takes 'constant' "
+                             f"(the paper's), 'cosine' or 'onecycle'")
         return self
 
 
@@ -208,6 +218,23 @@ def class_completion(indicator: np.ndarray, labels: np.ndarray, share: float,
                    "completion_tie": bool(counts[few] == counts[second])}
 
 
+def every_class_completion(indicator: np.ndarray, labels: np.ndarray, share: float,
+                           num_classes: int) -> tuple[np.ndarray, dict]:
+    """Eq. 8 with every class completed at once (beyond the paper): class i's clean pool is its round(share * n_i)
+    highest-I samples, n_i = min(N_i, the median of the N_j) (classes present). A class that f has not learned yet keeps
+    its share of labelled samples instead of leaving the pool (Eq. 8 tops up one class an epoch, to the second-fewest
+    count); the median bounds a class that the poison's relabelling has inflated to a typical class's size. The record's
+    `completion_added`: the pool's samples outside Eq. 8's first set (the top share over the whole set)."""
+    sizes = np.bincount(labels, minlength=num_classes)
+    typical = float(np.median(sizes[sizes > 0]))
+    clean = np.zeros(len(labels), dtype=bool)
+    for c in np.flatnonzero(sizes):
+        in_class = labels == c
+        clean[in_class] = top_share(indicator[in_class], share * min(sizes[c], typical) / sizes[c])
+    added = int((clean & ~top_share(indicator, share)).sum())
+    return clean, {"completed_class": None, "completion_added": added, "completion_tie": False}
+
+
 def selective_dropping(clean: np.ndarray, pred_f: np.ndarray, pred_g: np.ndarray, target: int) -> np.ndarray:
     """Eq. 10: the clean pool without the samples both models predict as y~_t (they stay, unlabelled)."""
     return clean & ~((pred_f == target) & (pred_g == target))  # Eq. 10
@@ -232,6 +259,19 @@ def outputs(model: nn.Module, images: torch.Tensor, *, batch_size: int,
 
 
 # --- the training of f and g together (Alg. 1, lines 16-43) ------------------------------------------------------
+
+def semi_lr(lr: float, schedule: str, t: float, epochs: int) -> float:
+    """f's learning rate at t epochs (not the paper's, which keeps Adam's 0.002 constant; `bsd.semi.schedule`), one
+    curve across f's warm-up and final training, T_3 = `epochs`: "cosine", lr (1 + cos(pi t / T_3)) / 2; "onecycle",
+    the engine's one-cycle (torch's OneCycleLR, linear): lr / 25 rising to lr at 0.25 T_3, then falling to lr / 25e4."""
+    t = min(max(t, 0.0), epochs)
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * t / epochs)) / 2
+    if schedule == "onecycle":
+        peak, start, end = 0.25 * epochs, lr / 25, lr / 25e4
+        return start + (lr - start) * t / peak if t < peak else lr + (end - lr) * (t - peak) / (epochs - peak)
+    return lr
+
 
 def _ce_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
               p: TrainParams, gen: torch.Generator, device: torch.device) -> float:
@@ -273,6 +313,7 @@ def co_train(f: nn.Module, g: nn.Module, images: torch.Tensor, labels: torch.Ten
     gen_f, gen_g = torch.Generator().manual_seed(semi.seed + epochs.start), torch.Generator().manual_seed(alt.seed + 1)
     x_all, y_all = images.to(device), labels.to(device)
     rampup = params.mixmatch.rampup or params.t3
+    lr = None if semi.schedule == "constant" else (lambda t: semi_lr(semi.lr, semi.schedule, t, params.t3))
     history, masks, start = [], [], epochs.start
     every = semi.checkpoint_every if checkpoint_file is not None else 0
     state = checkpoint.load(checkpoint_file, key, "bsd") if every else None
@@ -290,7 +331,7 @@ def co_train(f: nn.Module, g: nn.Module, images: torch.Tensor, labels: torch.Ten
         clean, info = pools(epoch, f, g)  # Alg. 1 lines 17-37
         lab, unl = (torch.from_numpy(np.flatnonzero(m)) for m in (clean, ~clean))
         record = semisup.epoch(f, opt_f, x_all, y_all, lab, unl, semi, params.mixmatch, epoch=epoch, rampup=rampup,
-                               num_classes=num_classes, gen=gen_f, device=device)  # line 39
+                               num_classes=num_classes, gen=gen_f, device=device, lr=lr)  # line 39
         if epoch < params.t2:  # lines 40-42: g is frozen from T_2
             record["altruistic_loss"] = _ce_epoch(g, opt_g, x_all, y_all, alt, gen_g, device)
         record = {**record, "epoch": epoch - epochs.start, "T": epoch, **info}
@@ -472,7 +513,8 @@ def final_stage(dataset: Path, target: Path, warmup: Path, split: Path, out: Pat
         else:  # lines 23-35
             alpha_t = alpha_schedule(epoch, bsd.t1, bsd.t2, bsd.fixed_epochs, bsd.alpha, bsd.beta)
             score, pred_f, pred_g = indicator(f_, g_, g_frozen=epoch >= bsd.t2)
-            clean, info = class_completion(score, ds.labels, alpha_t, ds.num_classes)
+            complete = class_completion if bsd.completion == "fewest" else every_class_completion
+            clean, info = complete(score, ds.labels, alpha_t, ds.num_classes)
             info = {"phase": "class completion", "alpha_t": alpha_t, **info}
             if epoch >= bsd.t2:
                 completed = clean
@@ -512,7 +554,7 @@ def altruistic_params(c) -> TrainParams:
 
 
 def semi_params(c) -> TrainParams:
-    """f's MixMatch training: `train` with `bsd.semi`; epochs = T_3 (the lr is constant)."""
+    """f's MixMatch training: `train` with `bsd.semi`; epochs = T_3 (the lr constant, or one curve over T_3)."""
     return final_params(_train(c), {**c.bsd.semi, "epochs": c.bsd.t3})
 
 
