@@ -84,9 +84,7 @@ def ui_link(ui: str, experiment_id: str) -> str:
 def ui_hint(uri: str) -> str:
     """How to look at the runs of a tracking URI: the page of a server, or the command that serves a local store
     and the page it then shows (mlflow ui's default address)."""
-    from mlflow.tracking import MlflowClient
-
-    experiment = MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
+    experiment = _client(uri).get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return f"mlflow: {uri} (no unpoison run recorded yet)"
     if uri.startswith(("http://", "https://")):
@@ -192,7 +190,25 @@ def _client(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri)
+    with store_lock(uri):
+        return MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """MLflow creates a new sqlite store's tables when a client first opens it, with no lock: two commands starting at
+    once on a fresh store (two benchmarks into one runs/ folder) fail with "table ... already exists". Opening it under
+    an exclusive lock beside the database makes the second wait until the tables are there. Other stores: no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _error(e: BaseException) -> str:

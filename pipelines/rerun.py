@@ -58,9 +58,7 @@ def earlier_run(ref: str, uri: str) -> tuple[dict, dict[str, str], str]:
         outputs = dict(recorded.get("rerun", {}).get("inputs", {}))  # a rerun's folder: what it read from before
         outputs.update({p.name: str(p.resolve()) for p in folder.iterdir() if (p / "stage.json").is_file()})
         return recorded, outputs, "local"
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = tracking._client(uri)
     run = find_run(client, tracking.EXPERIMENT, ref)
     with tempfile.TemporaryDirectory() as tmp:
         recorded = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", tmp)).read_text())
