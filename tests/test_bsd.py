@@ -257,9 +257,14 @@ def test_bsd_run_repartitions_every_epoch_and_reports_the_pools(bsd_run):
     assert sorted(set(pools["epoch"])) == [1, 2, 3] and len(pools["clean"]) == 3 * 300
     initial = np.array(pq.read_table(bsd_run / "partition" / "split.parquet").to_pydict()["pool"]) == "clean"
     assert initial.sum() <= 60 and np.array_equal(np.array(pools["clean"][:300]), initial)  # beta = 20 %
+    # cpu.yaml completes every class: at T 2 (alpha_T = beta) each class keeps 20 % of at most a median class's size
+    labels = np.load(bsd_run / "poison" / "dataset.npz")["labels"]
+    sizes = np.bincount(labels)
+    kept = np.bincount(labels[np.array(pools["clean"][300:600])], minlength=len(sizes))
+    assert kept.tolist() == [round(0.2 * min(n, np.median(sizes[sizes > 0]))) for n in sizes]
+    assert history[0]["lr"] < 0.002 and history[-1]["lr"] < history[0]["lr"]  # f's Adam lr on a cosine over T_3
     scores = pq.read_table(bsd_run / "score" / "scores.parquet").to_pydict()
     target = json.loads((bsd_run / "target" / "target.json").read_text())
-    labels = np.load(bsd_run / "poison" / "dataset.npz")["labels"]
     assert np.isnan(np.array(scores["oss_distance"])[labels != target["target"]]).all()
     # 1 % of 300 votes after each of g's 2 warm-up epochs, added up; the estimate is the sum's argmax
     g_votes = [h["target_votes"] for h in json.loads((bsd_run / "altruistic" / "history.json").read_text())]
