@@ -17,6 +17,16 @@ def lowest_share(scores: np.ndarray, share: float) -> np.ndarray:
     return mask
 
 
+def label_vote(scores: np.ndarray, labels: np.ndarray, share: float, num_classes: int) -> tuple[int, np.ndarray]:
+    """The label most common among the `share` of samples with the lowest scores (at least one votes; ties go to the
+    lowest label), and the votes per label. BSD's target estimate (section 4.1.1) on g's loss; MeCa's suspect label
+    (`meca.suspect_label=loss_vote`) on the warm-up model's."""
+    k = max(1, int(round(share * len(scores))))
+    lowest = np.argsort(scores, kind="stable")[:k]
+    votes = np.bincount(labels[lowest], minlength=num_classes)
+    return int(votes.argmax()), votes
+
+
 def otsu_threshold(scores: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold (Otsu 1979): over a histogram of `bins` equal bins, the cut that maximizes the between-class
     variance w0 w1 (mu0 - mu1)^2. Returns the upper edge of the last bin of the lower class, so that

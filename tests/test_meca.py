@@ -117,7 +117,7 @@ def test_paper_identification_is_line_12():
 
 def test_per_label_identification_returns_the_least_poison_like_share_of_the_over_fitted_label():
     predicted, labels, *scores = _fitted_target()
-    params = meca.MecaParams(label_keep=0.25, balance=False)
+    params = meca.MecaParams(label_keep=0.25, balance=False, guard=0)
     clean, weight, label = meca.identify(predicted, labels, *scores, params)
     assert label == 0
     # label 0's unfitted sample (line 12) and the fitted quarter with the highest mean rank of the three views (of
@@ -131,13 +131,14 @@ def test_the_enhanced_models_confidence_is_one_of_the_three_views():
     predicted, labels, kl, loss, enhanced = _fitted_target()
     loss[:19] = loss[:19][::-1]  # the warm-up's two views now cancel out over label 0's fitted samples (ids 0-18)
     enhanced[:19] = np.linspace(1.0, 0.0, 19)  # and the enhanced model fits ids 0-4 the least surely
-    clean, _, _ = meca.identify(predicted, labels, kl, loss, enhanced, meca.MecaParams(label_keep=0.25, balance=False))
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, enhanced,
+                                 meca.MecaParams(label_keep=0.25, balance=False, guard=0))
     assert np.flatnonzero(clean[:20]).tolist() == [0, 1, 2, 3, 4, 19]
 
 
 def test_balance_weighs_the_returned_share_as_the_median_other_label():
     predicted, labels, *scores = _fitted_target()
-    clean, weight, _ = meca.identify(predicted, labels, *scores, meca.MecaParams(label_keep=0.25))
+    clean, weight, _ = meca.identify(predicted, labels, *scores, meca.MecaParams(label_keep=0.25, guard=0))
     # labels 1 and 2 keep their 30 samples each in the clean pool, label 0 one by line 12: 29 weight for the 5
     assert weight[14:19].tolist() == [29 / 5] * 5 and weight[19] == 1.0
     assert weight[clean & (labels > 0)].tolist() == [1.0] * 60 and not weight[~clean].any()
@@ -147,9 +148,9 @@ def test_the_suspect_label_is_the_most_predicted_one_or_with_fitted_the_most_fit
     predicted, labels, *scores = _fitted_target()
     predicted[21:50] = 1  # label 1 all fitted (1.0, label 0: 0.95), the rest of label 2 still sent to label 0
     assert meca.suspect_label(predicted, labels) == 0 and meca.suspect_label(predicted, labels, "fitted") == 1
-    clean, _, label = meca.identify(predicted, labels, *scores, meca.MecaParams())
+    clean, _, label = meca.identify(predicted, labels, *scores, meca.MecaParams(suspect_label="predicted"))
     assert label == 0 and clean[20:].all() and not clean[:10].any()
-    clean, _, label = meca.identify(predicted, labels, *scores, meca.MecaParams(suspect_label="fitted"))
+    clean, _, label = meca.identify(predicted, labels, *scores, meca.MecaParams(suspect_label="fitted", guard=0))
     assert label == 1 and clean[:20].all() and not clean[21:50].all()
 
 

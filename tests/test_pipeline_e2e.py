@@ -16,7 +16,8 @@ from pipelines import local
 from pipelines.cli import main
 
 SMALL = {"train_limit": 1500, "train.epochs": 2, "meca.rounds": 2, "meca.finetune_epochs": 1}
-STAGES = ["poison", "warmup", "score", "partition", "enhance", "identify", "final_train", "relabel_finetune",
+STAGES = ["poison", "warmup", "score", "partition", "enhance", "identify", "first_train", "vouch", "final_train",
+          "relabel_finetune",
           "evaluate"]
 
 
@@ -98,7 +99,7 @@ def test_metrics_in_range(meca_run):
         assert 0.0 <= m[key] <= 1.0, key
     # better than chance (0.1) after two epochs on 1,500 images (measured 0.148 with per-label identification)
     assert m["acc"] > 0.12
-    assert set(m["models"]) == {"nodef", "enhanced", "clean", "relabelled"}
+    assert set(m["models"]) == {"nodef", "enhanced", "first", "clean", "relabelled"}
     assert 0.0 <= m["scores"]["kl"]["auroc"] <= 1.0
     assert [r["round"] for r in m["rounds"]] == [0, 1]
     assert set(m["stages"]) == set(STAGES) and all(s["seconds"] > 0 for s in m["stages"].values())
@@ -175,7 +176,8 @@ def test_rerun_a_partition_and_everything_downstream_by_its_mlflow_name(meca_run
     assert main(["rerun", "--run", "meca-e2e", "--mlflow-uri", uri, "--stage", "partition", "--downstream",
                  "--set", "meca.gamma=0.2", "--out", str(tmp_path), "--no-mlflow"]) == 0
     out = capsys.readouterr().out
-    assert _executed(out) == ["partition", "enhance", "identify", "final_train", "relabel_finetune", "evaluate"]
+    assert _executed(out) == ["partition", "enhance", "identify", "first_train", "vouch", "final_train",
+                             "relabel_finetune", "evaluate"]
     (rerun,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert not {"poison", "warmup", "score"} & {p.name for p in rerun.iterdir()}  # read from the earlier run
     pools = pq.read_table(rerun / "partition" / "split.parquet").column("pool").to_pylist()

@@ -161,10 +161,7 @@ def top_share(values: np.ndarray, share: float) -> np.ndarray:
 def estimate_target(loss: np.ndarray, labels: np.ndarray, share: float, num_classes: int) -> tuple[int, np.ndarray]:
     """y~_t = argmax_c |{y = c} among the `share` of samples with the lowest loss on g| (section 4.1.1), at least one
     sample voting; ties go to the lowest class. Returns y~_t and the votes per class."""
-    k = max(1, int(round(share * len(loss))))
-    lowest = np.argsort(loss, kind="stable")[:k]
-    votes = np.bincount(labels[lowest], minlength=num_classes)
-    return int(votes.argmax()), votes
+    return splits.label_vote(loss, labels, share, num_classes)
 
 
 def oss_distance(features: torch.Tensor, labels: np.ndarray, target: int) -> np.ndarray:

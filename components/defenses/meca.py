@@ -59,12 +59,21 @@ class MecaParams(Strict):
     # samples that the warm-up and enhanced models find least poison-like, weighted
     # (`balance`) so that the label weighs in the pool as much as the median other label.
     identify: Literal["paper", "per_label"] = "per_label"
-    # per_label's suspect label: `predicted`, the label the enhanced model predicts for the most samples (the sink the
-    # enhancement sends other classes' images to), or `fitted`, the label whose own samples it fits the largest share
-    # of (`suspect_label`)
-    suspect_label: Literal["predicted", "fitted"] = "predicted"
+    # per_label's suspect label (`suspect_label`): `loss_vote`, the label most common among the `vote_share` of the
+    # samples with the lowest warm-up loss (poison is fitted first); `predicted`, the label the enhanced model predicts
+    # for the most samples (the sink the enhancement sends other classes' images to); `fitted`, the label whose own
+    # samples it fits the largest share of
+    suspect_label: Literal["loss_vote", "predicted", "fitted"] = "loss_vote"
+    vote_share: float = Field(0.05, gt=0, le=1)
+    # per_label: a sample of the suspect label whose warm-up loss is below the `guard` quantile of the other labels'
+    # warm-up losses is suspect whatever the enhanced model does, never returned and never vouched for (`low_loss`);
+    # 0 turns the guard off
+    guard: float = Field(0.2, ge=0, lt=1)
     label_keep: float = Field(0.2, ge=0, le=1)
     balance: bool = True
+    # A second pass (`vouch`, beyond the paper): the suspects of the suspect label that the first clean model predicts
+    # as that label, the guard's excepted, return to the pool, and the final model trains again on it
+    vouch: bool = True
     score_batch: int = Field(512, ge=1)
     finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
     # Section 4.2.4's relabelling (`relabel_finetune`): `all` is Eq. 12, every suspect takes the clean model's
@@ -176,13 +185,20 @@ def identify_clean(enhanced: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
     return ~fitted(enhanced, x, y)
 
 
-def suspect_label(predicted: np.ndarray, labels: np.ndarray, rule: str = "predicted") -> int:
-    """The label per_label identification suspects, from the enhanced model's predictions. `predicted`: the label it
-    predicts for the most samples. The enhancement learns the poison and unlearns the clean samples, so it sends the
+def suspect_label(predicted: np.ndarray, labels: np.ndarray, rule: str = "predicted", warm_loss: np.ndarray | None = None,
+                  vote_share: float = 0.05) -> int:
+    """The label per_label identification suspects. `loss_vote`: the label most common among the `vote_share` of the
+    samples with the lowest warm-up loss (`warm_loss`): a backdoor is learned before the clean task, so the warm-up
+    fits the poison, which all carry the target label, first; it does not depend on where the enhancement goes.
+    From the enhanced model's predictions: `predicted`: the label it predicts for the most samples. The enhancement learns the poison and unlearns the clean samples, so it sends the
     other classes' images to the label all the poison carries (the paper's Fig. 6: ACC falls, ASR rises); an easy clean
     class it may still fit is fitted on its own samples only. `fitted`: the label whose own samples it fits the
     largest share of (the stopping rule's test, `concentrated`, asks that it be the only one)."""
     k = int(max(labels.max(), predicted.max())) + 1
+    if rule == "loss_vote":
+        if warm_loss is None:
+            raise ValueError("suspect_label 'loss_vote' needs the warm-up loss")
+        return splits.label_vote(warm_loss, labels, vote_share, k)[0]
     if rule == "predicted":
         return int(np.argmax(np.bincount(predicted, minlength=k)))
     fit = predicted == labels
@@ -195,6 +211,16 @@ def within_label_rank(values: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(values, kind="stable"), kind="stable") / max(1, len(values) - 1)
 
 
+def low_loss(loss: np.ndarray, labels: np.ndarray, label: int, quantile: float) -> np.ndarray:
+    """The guard: the samples of `label` whose warm-up loss is below the `quantile` of the other labels' warm-up losses.
+    The other labels carry no poison under a single-target attack, so their losses show how low a clean sample's
+    goes; the poison, fitted through its trigger, sits below (the within-label AUROC of the warm-up loss is 0.85-0.99
+    on the CPU protocol's attacks). An easy clean class pays: its easiest samples fall below too. 0 = none."""
+    if quantile <= 0:
+        return np.zeros(len(labels), dtype=bool)
+    return (labels == label) & (loss < np.quantile(loss[labels != label], quantile))
+
+
 def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray, enhanced_loss: np.ndarray,
              params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
     """The clean pool (True = clean), each sample's weight in the final training and the suspect label, from the
@@ -204,9 +230,10 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np
     paper) reads the enhanced model per delivered label, for a single-target attack (all poison carries one label):
     line 12 on the label the enhancement concentrated on (`suspect_label`) throws that whole label
     away, its clean samples with the poison, and the final model loses the class; line 12 on the other labels throws
-    away clean samples the enhancement happened to leave fitted. So the other labels stay clean, and in the
-    suspect label the samples the enhanced model does not fit stay clean (line 12), and of those it fits, the
-    `label_keep` share least poison-like by three models' views return to the clean pool: the highest mean rank,
+    away clean samples the enhanced model happened to leave fitted. So the other labels stay clean, and in the
+    suspect label the samples the enhanced model does not fit stay clean (line 12) unless the guard (`low_loss`)
+    holds them, and of those it fits, the `label_keep` share least poison-like by three models' views return to the
+    clean pool, the guard's excepted: the highest mean rank,
     among them, of the warm-up KL (Eq. 3: poison is robust, low KL), the warm-up loss (poison is fitted early, low
     loss) and the enhanced model's loss (it fits poison the most confidently). With `balance` the returned samples
     weigh so that the label's weight in the pool equals the median other label's clean count (never less than 1
@@ -214,14 +241,15 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np
     fit = predicted == labels
     if params.identify == "paper":
         return ~fit, (~fit).astype(np.float64), None
-    label = suspect_label(predicted, labels, params.suspect_label)
-    clean = (labels != label) | ~fit
+    label = suspect_label(predicted, labels, params.suspect_label, loss, params.vote_share)
+    low = low_loss(loss, labels, label, params.guard)
+    clean = (labels != label) | (~fit & ~low)
     members = np.flatnonzero(~clean)
     back = members[:0]
     if params.label_keep > 0 and len(members):
         poison_unlike = (within_label_rank(kl[members]) + within_label_rank(loss[members])
                          + within_label_rank(enhanced_loss[members])) / 3
-        back = members[poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)]
+        back = members[(poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)) & ~low[members]]
         clean[back] = True
     weight = balance_weights(clean, labels, label, back) if params.balance else clean.astype(np.float64)
     return clean, weight, label
@@ -239,12 +267,16 @@ def balance_weights(clean: np.ndarray, labels: np.ndarray, label: int, back: np.
     return weight
 
 
-def vouched(clean: np.ndarray, labels: np.ndarray, label: int, clean_predicted: np.ndarray) -> np.ndarray:
-    """A second identification pass (beyond the paper; `scripts/meca_second_pass.py`, not a stage): the suspects of
-    the suspect label that the clean model, trained on the first pass's pool, predicts as that label return to the
-    pool. A dirty-label poison is another class's image, which the clean model, having seen little or none of the
-    poison, assigns to its own class; a clean sample of the label it assigns to the label. True = clean."""
-    return clean | ((labels == label) & (clean_predicted == label))
+def vouched(clean: np.ndarray, labels: np.ndarray, label: int, clean_predicted: np.ndarray,
+            guarded: np.ndarray | None = None) -> np.ndarray:
+    """The second identification pass (beyond the paper; the `vouch` stage): the suspects of the suspect label that
+    the clean model, trained on the first pass's pool, predicts as that label return to the pool, except those the
+    guard holds (`guarded`, `low_loss`). A dirty-label poison is another class's image, which the clean model, having
+    seen little or none of the poison, assigns to its own class; a clean sample of the label it assigns to the label.
+    A clean-label poison (SIG) is an image of the label, which it vouches for too: the guard is what holds those.
+    True = clean."""
+    back = (labels == label) & (clean_predicted == label)
+    return clean | (back if guarded is None else back & ~guarded)
 
 
 def finetune_params(train: TrainParams, params: MecaParams) -> TrainParams:
@@ -315,6 +347,13 @@ def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params:
             **{f"{k}_r{r['round']}": r[k] for r in observed for k in ("fit_share", "fit_kept", "fit_unlearned")}}
 
 
+def views(x: torch.Tensor, y: torch.Tensor, enhanced: nn.Module, warmup: nn.Module) -> tuple[np.ndarray, ...]:
+    """Per sample: the enhanced model's prediction and cross-entropy, and the warm-up model's cross-entropy."""
+    logits = engine.predict(enhanced, x)
+    ce = lambda z: torch.nn.functional.cross_entropy(z, y, reduction="none").numpy()  # noqa: E731
+    return logits.argmax(1).numpy(), ce(logits), ce(engine.predict(warmup, x))
+
+
 def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, out: Path, *,
                    params: MecaParams) -> dict:
     """MeCa identification (`identify`) with the enhanced model, the warm-up model and its KL scores: out/split.parquet
@@ -323,12 +362,8 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
     ds = stages.load_dataset(dataset)
     x, y = stages.tensors(ds)
     net, meta = artifacts.load_model(model)
-    logits = engine.predict(net, x)
-    predicted = logits.argmax(1).numpy()
+    predicted, loss, warm_loss = views(x, y, net, artifacts.load_model(warmup)[0])
     fit = predicted == y.numpy()
-    loss = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
-    warm, _ = artifacts.load_model(warmup)
-    warm_loss = torch.nn.functional.cross_entropy(engine.predict(warm, x), y, reduction="none").numpy()
     kl = artifacts.read_table(score_table, {**SCORE_SCHEMA, "kl": pa.float64()})["kl"]
     if len(kl) != len(y):
         raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
@@ -341,6 +376,37 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
     return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum()),
             "over_fitted_label": -1 if label is None else label, "returned": int(back.sum()),
             "returned_weight": float(weight[back].max()) if back.any() else 0.0}
+
+
+def vouch_stage(dataset: Path, split: Path, model: Path, enhanced: Path, warmup: Path, out: Path, *,
+                params: MecaParams) -> dict:
+    """MeCa's second identification pass (`vouched`, beyond the paper) with the first clean model (`model`):
+    out/split.parquet, the pool the final model trains on. The suspect label and the guard are identification's, from
+    the same models; the label's returned samples weigh again so that it weighs as much as the median other label
+    (`balance_weights`). With `vouch` off or `identify: paper` the first pass's split passes unchanged."""
+    ds = stages.load_dataset(dataset)
+    x, y = stages.tensors(ds)
+    labels = y.numpy()
+    table = artifacts.read_table(split, {**SPLIT_SCHEMA, "weight": pa.float64()})
+    first = table["pool"] == "clean"
+    if len(first) != len(labels):
+        raise UnpoisonError(f"split '{split}' has {len(first)} samples, the data set {len(labels)}; rerun "
+                            f"identification on this data set")
+    if params.identify == "paper" or not params.vouch:
+        stages.write_split(first, Path(out) / "split.parquet", weight=table["weight"])
+        return {"samples": len(labels), "clean": int(first.sum()), "suspect": int((~first).sum()), "vouched": 0}
+    predicted, _, warm_loss = views(x, y, artifacts.load_model(enhanced)[0], artifacts.load_model(warmup)[0])
+    label = suspect_label(predicted, labels, params.suspect_label, warm_loss, params.vote_share)
+    low = low_loss(warm_loss, labels, label, params.guard)
+    clean_predicted = engine.predict(artifacts.load_model(model)[0], x).argmax(1).numpy()
+    clean = vouched(first, labels, label, clean_predicted, low)
+    suspected = (labels == label) & ((predicted == labels) | low)  # what the first pass suspected before returning
+    back = np.flatnonzero(clean & suspected)
+    weight = balance_weights(clean, labels, label, back) if params.balance else clean.astype(np.float64)
+    stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
+    return {"samples": len(labels), "clean": int(clean.sum()), "suspect": int((~clean).sum()), "suspect_label": label,
+            "vouched": int((clean & ~first).sum()), "returned": len(back),
+            "returned_weight": float(weight[back].max()) if len(back) else 0.0}
 
 
 def relabel_finetune(dataset: Path, split: Path, model: Path, out: Path, *, params: TrainParams,
@@ -388,25 +454,33 @@ DEFENSE = Defense(
         Stage("identify", identify_stage, {"dataset": f"{DATA}/dataset.npz", "model": "enhance/model",
                                            "warmup": "warmup", "score_table": "score/scores.parquet"},
               params=lambda c: {"params": c.meca}, reads=("meca",)),
-        Stage("final_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet"},
+        Stage("first_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet"},
+              kind="model", monitor=True,
+              params=lambda c: {"params": final_params(_train(c), c.final), "model_name": c.model,
+                                "desc": "first clean model"},
+              reads=("train", "final", "seed", "model")),
+        Stage("vouch", vouch_stage, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet",
+                                     "model": "first_train", "enhanced": "enhance/model", "warmup": "warmup"},
+              params=lambda c: {"params": c.meca}, reads=("meca",)),
+        Stage("final_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "vouch/split.parquet"},
               kind="model", monitor=True,
               params=lambda c: {"params": final_params(_train(c), c.final), "model_name": c.model,
                                 "desc": "clean model"},
               reads=("train", "final", "seed", "model")),
         Stage("relabel_finetune", relabel_finetune, {"dataset": f"{DATA}/dataset.npz",
-                                                     "split": "identify/split.parquet", "model": "final_train"},
+                                                     "split": "vouch/split.parquet", "model": "final_train"},
               kind="model", monitor=True,
               params=lambda c: {"params": finetune_params(_train(c), c.meca), "mode": c.meca.relabel},
               reads=("train", "seed", "meca")),
     ),
     evaluation=Evaluation(
-        models={"nodef": "warmup", "enhanced": "enhance/model", "clean": "final_train",
+        models={"nodef": "warmup", "enhanced": "enhance/model", "first": "first_train", "clean": "final_train",
                 "relabelled": "relabel_finetune/model"},
         defended="clean", reference="nodef",  # the paper's main tables report the clean model, before relabelling
         scores=("score/scores.parquet", "identify/scores.parquet"), directions={"kl": -1, "enhanced_loss": -1},
         splits={"round0": "partition/split.parquet", "identify": "identify/split.parquet",
-                "relabel": "relabel_finetune/split.parquet"},
-        detection="identify", rounds="enhance/rounds.parquet",
+                "vouch": "vouch/split.parquet", "relabel": "relabel_finetune/split.parquet"},
+        detection="vouch", rounds="enhance/rounds.parquet",
         suspicion="kl"),  # the ranking: the warm-up model's robustness (Eq. 3); the enhanced model's loss also ranks low
         # every clean sample of a class it is biased toward (measured: 46 of the 64 lowest on an 800-image folder)
 )
