@@ -182,3 +182,51 @@ def test_the_second_pass_returns_the_suspect_labels_samples_the_clean_model_vouc
     # label 1 keeps only sample 7, returned: it weighs as the 4 samples of label 0
     pool = np.array([True, True, True, True, False, False, False, True])
     assert meca.balance_weights(pool, np.array([0, 0, 0, 0, 1, 1, 1, 1]), 1, np.array([7]))[7] == 4.0
+
+
+def test_loss_vote_names_the_label_the_warm_up_fits_first_wherever_the_enhancement_went():
+    predicted, labels, kl, loss, enhanced = _fitted_target()
+    predicted[:] = 2  # the enhancement collapsed onto label 2
+    assert meca.suspect_label(predicted, labels) == 2
+    # the 4 lowest warm-up losses of 80 (5 %) are label 0's ids 0-3
+    assert meca.suspect_label(predicted, labels, "loss_vote", loss, 0.05) == 0
+    loss[20:24] = -1.0  # now label 1's ids 20-23 are the lowest
+    assert meca.suspect_label(predicted, labels, "loss_vote", loss, 0.05) == 1
+    with pytest.raises(ValueError, match="warm-up loss"):
+        meca.suspect_label(predicted, labels, "loss_vote")
+
+
+def test_the_guard_holds_the_labels_samples_below_the_other_labels_loss_quantile():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    loss = np.array([0.01, 0.2, 0.5, 2.0, 0.1, 0.3, 0.6, 0.9, 1.2, 0.2, 0.4, 0.7, 1.0, 1.5])
+    # the other labels' losses: 0.1 0.2 0.3 0.4 0.6 0.7 0.9 1.0 1.2 1.5; their 0.2-quantile is 0.28
+    assert meca.low_loss(loss, labels, 0, 0.2).tolist() == [True, True] + [False] * 12
+    assert not meca.low_loss(loss, labels, 0, 0.0).any()
+    assert meca.low_loss(loss, labels, 1, 0.5).tolist() == [False] * 4 + [True, True, False, False, False] + [False] * 5
+
+
+def test_identification_keeps_a_guarded_sample_suspect_though_the_enhanced_model_misses_it():
+    predicted, labels, kl, loss, enhanced = _fitted_target()
+    predicted[:10] = 1  # the enhanced model misses the ten poison (line 12 alone would call them clean)
+    params = meca.MecaParams(label_keep=0.25, balance=False, guard=0.2)  # others' losses all 1: ids 0-14 are below
+    clean, _, label = meca.identify(predicted, labels, kl, loss, enhanced, params)
+    assert label == 0 and not clean[:15].any()
+    assert clean[15:20].all()  # above the guard: the unfitted id 19 and the least poison-like fitted ones return
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, enhanced, params.model_copy(update={"guard": 0.0}))
+    assert clean[:10].all()  # without the guard line 12 lets the missed poison through
+
+
+def test_the_second_pass_never_vouches_for_a_guarded_sample():
+    labels = np.array([0, 0, 0, 1, 1])
+    first = np.array([False, False, False, True, True])
+    clean_predicted = np.array([0, 0, 1, 1, 1])  # a clean-label poison (id 0) is predicted as its label too
+    guarded = np.array([True, False, False, False, False])
+    assert meca.vouched(first, labels, 0, clean_predicted, guarded).tolist() == [False, True, False, True, True]
+    assert meca.vouched(first, labels, 0, clean_predicted).tolist() == [True, True, False, True, True]
+
+
+def test_vouch_stage_reads_no_ground_truth_and_final_training_trains_on_its_pool():
+    stages_ = {s.name: s for s in meca.DEFENSE.stages}
+    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train", "enhance", "warmup"}
+    assert stages_["final_train"].inputs["split"] == "vouch/split.parquet"
+    assert stages_["relabel_finetune"].inputs["split"] == "vouch/split.parquet"

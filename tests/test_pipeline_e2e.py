@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from components import artifacts
+from components import artifacts, stages
 from components.config import load_config
 from pipelines import local
 from pipelines.cli import main
@@ -62,16 +62,23 @@ def test_score_split_and_round_tables(meca_run):
                                                              "model_ref": "string", "epoch": "int64"}
     kl = pq.read_table(run_dir / "score" / "scores.parquet").column("kl").to_numpy()
     assert np.isfinite(kl).all() and (kl >= 0).all()
-    for split in ["partition", "identify", "relabel_finetune"]:
+    for split in ["partition", "identify", "vouch", "relabel_finetune"]:
         path = run_dir / split / "split.parquet"
-        weight = {"weight": "double"} if split == "identify" else {}  # each sample's weight in the final training
+        weight = {"weight": "double"} if split in ("identify", "vouch") else {}  # weights in the clean trainings
         assert _schema(path) == {"sample_id": "int64", "pool": "string", "relabel": "int64", **weight}
         assert set(pq.read_table(path).column("pool").to_pylist()) <= set(artifacts.POOLS)
     # round 0 unlearns the highest-KL gamma share: 10 % of 1500
     pools = np.array(pq.read_table(run_dir / "partition" / "split.parquet").column("pool").to_pylist())
     assert (pools == "clean").sum() == 150
     assert kl[pools == "clean"].min() >= kl[pools == "suspect"].max()
+    # the second pass only returns samples, all of the first pass's suspect label, and the fine-tuning starts from it
+    first, second = (np.array(pq.read_table(run_dir / s / "split.parquet").column("pool").to_pylist()) == "clean"
+                     for s in ("identify", "vouch"))
+    label = json.loads((run_dir / "vouch" / "stage.json").read_text())["result"]["suspect_label"]
+    labels = stages.load_dataset(run_dir / "poison" / "dataset.npz").labels
+    assert (second >= first).all() and (labels[second & ~first] == label).all()
     relabel = pq.read_table(run_dir / "relabel_finetune" / "split.parquet").to_pydict()
+    assert np.array_equal(np.array(relabel["pool"]) == "clean", second)
     suspect = np.array(relabel["pool"]) == "suspect"
     assert (np.array(relabel["relabel"])[suspect] >= 0).all() and (np.array(relabel["relabel"])[~suspect] == -1).all()
     rounds = pq.read_table(run_dir / "enhance" / "rounds.parquet").to_pydict()
