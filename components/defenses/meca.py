@@ -12,6 +12,9 @@ Reading of the paper (DESIGN.md, "Reading the papers"):
   part kept by the previous round.
 - Clean samples are those the enhanced model misclassifies (line 12); the final model trains from scratch on
   them (lines 13-15). Section 4.2.4 then relabels the rest with the clean model (Eq. 12) and fine-tunes on all.
+- Beyond the paper (the defaults; README, "MeCa: how the paper is read"): identification per label (`identify`),
+  the suspect label by the warm-up's lowest-loss vote, a warm-up-loss guard inside it, and a second pass (`vouch`)
+  in which a first clean model vouches for the suspect label's samples before the final model trains.
 """
 
 from __future__ import annotations
@@ -374,7 +377,7 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, score_table: Path, 
     # the suspect label's fitted samples returned to the clean pool
     back = clean & fit & (y.numpy() == label) if label is not None else np.zeros(len(y), bool)
     return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum()),
-            "over_fitted_label": -1 if label is None else label, "returned": int(back.sum()),
+            "suspect_label": -1 if label is None else label, "returned": int(back.sum()),
             "returned_weight": float(weight[back].max()) if back.any() else 0.0}
 
 
