@@ -12,8 +12,8 @@ from components.config import load_config
 from pipelines import kfp_pipelines as kp
 from pipelines.cli import main
 
-MECA_TASKS = {"poison", "warmup", "score", "partition", "enhance", "identify", "final-train", "relabel-finetune",
-              "evaluate"}
+MECA_TASKS = {"poison", "warmup", "score", "partition", "enhance", "identify", "first-train", "vouch", "final-train",
+              "relabel-finetune", "evaluate"}
 TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
 BOOKKEEPING = {"track-start", "track", "track-exit"}  # the MLflow tasks: never cached, never retried
 
@@ -43,7 +43,7 @@ def test_first_run_executes_every_stage(kfp_runs):
     assert set(log.executed) == MECA_TASKS | BOOKKEEPING and not log.cached
     m = json.loads((metrics_dir / "metrics.json").read_text())
     assert m["defense"] == "meca" and 0 <= m["asr"] <= 1 and 0 <= m["acc"] <= 1 and 0 <= m["der"] <= 1
-    assert set(m["models"]) == {"nodef", "enhanced", "clean", "relabelled"}
+    assert set(m["models"]) == {"nodef", "enhanced", "first", "clean", "relabelled"}
 
 
 def test_identical_second_run_executes_no_stage(kfp_runs):
@@ -57,9 +57,11 @@ def test_identical_second_run_executes_no_stage(kfp_runs):
 def test_final_training_change_reruns_only_what_depends_on_it(kfp_runs):
     _, _, runs = kfp_runs
     _, log = runs[2]
-    # final training, the fine-tune of its model, evaluation (and tracking); nothing upstream
-    assert set(log.executed) == {"final-train", "relabel-finetune", "evaluate"} | BOOKKEEPING
-    assert set(log.cached) == MECA_TASKS - {"final-train", "relabel-finetune", "evaluate"}
+    # both clean trainings (`final` sets them), the second pass between them, the fine-tune, evaluation (and
+    # tracking); nothing upstream
+    rerun = {"first-train", "vouch", "final-train", "relabel-finetune", "evaluate"}
+    assert set(log.executed) == rerun | BOOKKEEPING
+    assert set(log.cached) == MECA_TASKS - rerun
 
 
 def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
@@ -75,8 +77,8 @@ def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
     children = {p.data.tags["unpoison.kfp_run_id"]: {r.data.tags["unpoison.stage"]: r for r in runs
                                                      if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
                 for p in parents}
-    assert set(children[first]) == {"poison", "warmup", "score", "partition", "enhance", "identify", "final_train",
-                                    "relabel_finetune", "evaluate"}
+    assert set(children[first]) == {"poison", "warmup", "score", "partition", "enhance", "identify", "first_train",
+                                    "vouch", "final_train", "relabel_finetune", "evaluate"}
     assert all("unpoison.cached_from" not in r.data.tags for r in children[first].values())
     assert all(r.data.tags["unpoison.cached_from"] == first for r in children[second].values())
     assert children[third]["warmup"].data.tags["unpoison.cached_from"] == first

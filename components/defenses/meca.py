@@ -188,14 +188,15 @@ def identify_clean(enhanced: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
     return ~fitted(enhanced, x, y)
 
 
-def suspect_label(predicted: np.ndarray, labels: np.ndarray, rule: str = "predicted", warm_loss: np.ndarray | None = None,
-                  vote_share: float = 0.05) -> int:
+def suspect_label(predicted: np.ndarray, labels: np.ndarray, rule: str = "predicted",
+                  warm_loss: np.ndarray | None = None, vote_share: float = 0.05) -> int:
     """The label per_label identification suspects. `loss_vote`: the label most common among the `vote_share` of the
     samples with the lowest warm-up loss (`warm_loss`): a backdoor is learned before the clean task, so the warm-up
     fits the poison, which all carry the target label, first; it does not depend on where the enhancement goes.
-    From the enhanced model's predictions: `predicted`: the label it predicts for the most samples. The enhancement learns the poison and unlearns the clean samples, so it sends the
-    other classes' images to the label all the poison carries (the paper's Fig. 6: ACC falls, ASR rises); an easy clean
-    class it may still fit is fitted on its own samples only. `fitted`: the label whose own samples it fits the
+    From the enhanced model's predictions: `predicted`: the label it predicts for the most samples. The enhancement
+    learns the poison and unlearns the clean samples, so it sends the other classes' images to the label all the
+    poison carries (the paper's Fig. 6: ACC falls, ASR rises); an easy clean class it may still fit is fitted on its
+    own samples only. `fitted`: the label whose own samples it fits the
     largest share of (the stopping rule's test, `concentrated`, asks that it be the only one)."""
     k = int(max(labels.max(), predicted.max())) + 1
     if rule == "loss_vote":
