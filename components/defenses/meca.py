@@ -225,6 +225,14 @@ def low_loss(loss: np.ndarray, labels: np.ndarray, label: int, quantile: float) 
     return (labels == label) & (loss < np.quantile(loss[labels != label], quantile))
 
 
+def suspect_and_guard(predicted: np.ndarray, labels: np.ndarray, warm_loss: np.ndarray,
+                      params: MecaParams) -> tuple[int, np.ndarray]:
+    """per_label's suspect label (`suspect_label`) and the guard's mask inside it (`low_loss`): one decision, read by
+    identification and by the second pass alike."""
+    label = suspect_label(predicted, labels, params.suspect_label, warm_loss, params.vote_share)
+    return label, low_loss(warm_loss, labels, label, params.guard)
+
+
 def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray, enhanced_loss: np.ndarray,
              params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
     """The clean pool (True = clean), each sample's weight in the final training and the suspect label, from the
@@ -245,8 +253,7 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np
     fit = predicted == labels
     if params.identify == "paper":
         return ~fit, (~fit).astype(np.float64), None
-    label = suspect_label(predicted, labels, params.suspect_label, loss, params.vote_share)
-    low = low_loss(loss, labels, label, params.guard)
+    label, low = suspect_and_guard(predicted, labels, loss, params)
     clean = (labels != label) | (~fit & ~low)
     members = np.flatnonzero(~clean)
     back = members[:0]
@@ -400,8 +407,7 @@ def vouch_stage(dataset: Path, split: Path, model: Path, enhanced: Path, warmup:
         stages.write_split(first, Path(out) / "split.parquet", weight=table["weight"])
         return {"samples": len(labels), "clean": int(first.sum()), "suspect": int((~first).sum()), "vouched": 0}
     predicted, _, warm_loss = views(x, y, artifacts.load_model(enhanced)[0], artifacts.load_model(warmup)[0])
-    label = suspect_label(predicted, labels, params.suspect_label, warm_loss, params.vote_share)
-    low = low_loss(warm_loss, labels, label, params.guard)
+    label, low = suspect_and_guard(predicted, labels, warm_loss, params)  # identification's, from the same models
     clean_predicted = engine.predict(artifacts.load_model(model)[0], x).argmax(1).numpy()
     clean = vouched(first, labels, label, clean_predicted, low)
     suspected = (labels == label) & ((predicted == labels) | low)  # what the first pass suspected before returning
