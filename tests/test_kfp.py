@@ -318,8 +318,8 @@ def test_rerun_to_a_cluster_pins_the_image_and_passes_no_cache(fake_client, tmp_
 
     cfg = load_config("cpu", {"train.epochs": 1})
     recorded = {"defense": "meca", "config": cfg.model_dump(mode="json")}
-    outputs = {s: f"s3://bucket/run/{s}" for s in ("poison", "truth", "warmup", "score", "partition", "enhance",
-                                                    "identify", "first_train", "vouch", "final_train",
+    outputs = {s: f"s3://bucket/run/{s}" for s in ("poison", "truth", "warmup", "early", "score", "partition",
+                                                    "enhance", "identify", "first_train", "vouch", "final_train",
                                                     "relabel_finetune", "evaluate")}
     monkeypatch.setattr(rerun, "earlier_run", lambda ref, uri: (recorded, outputs, "kfp"))
     base = ["rerun", "--run", "r1", "--stage", "final_train", "--host", "http://127.0.0.1:9", "--out", str(tmp_path)]

@@ -12,7 +12,7 @@ from components.config import load_config
 from pipelines import kfp_pipelines as kp
 from pipelines.cli import main
 
-MECA_TASKS = {"poison", "warmup", "score", "partition", "enhance", "identify", "first-train", "vouch", "final-train",
+MECA_TASKS = {"poison", "warmup", "early", "score", "partition", "enhance", "identify", "first-train", "vouch", "final-train",
               "relabel-finetune", "evaluate"}
 TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
 BOOKKEEPING = {"track-start", "track", "track-exit"}  # the MLflow tasks: never cached, never retried
@@ -77,8 +77,8 @@ def test_mlflow_records_cached_stages_with_their_producer(kfp_runs):
     children = {p.data.tags["unpoison.kfp_run_id"]: {r.data.tags["unpoison.stage"]: r for r in runs
                                                      if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
                 for p in parents}
-    assert set(children[first]) == {"poison", "warmup", "score", "partition", "enhance", "identify", "first_train",
-                                    "vouch", "final_train", "relabel_finetune", "evaluate"}
+    assert set(children[first]) == {"poison", "warmup", "early", "score", "partition", "enhance", "identify",
+                                    "first_train", "vouch", "final_train", "relabel_finetune", "evaluate"}
     assert all("unpoison.cached_from" not in r.data.tags for r in children[first].values())
     assert all(r.data.tags["unpoison.cached_from"] == first for r in children[second].values())
     assert children[third]["warmup"].data.tags["unpoison.cached_from"] == first
@@ -126,7 +126,7 @@ def test_rerun_a_partition_alone_and_a_scoring_stage_with_everything_downstream(
     assert main(["rerun", "--run", run_id, "--stage", "score", "--downstream", "--mlflow-uri", uri,
                  "--out", str(tmp_path), "--set", "meca.eps=0.2", "--no-mlflow"]) == 0
     out = capsys.readouterr().out
-    assert _executed(out) == sorted(MECA_TASKS - {"poison", "warmup"})  # nothing upstream of score
+    assert _executed(out) == sorted(MECA_TASKS - {"poison", "warmup", "early"})  # nothing upstream of score
     assert "no defense" in out and "meca" in out  # evaluation ran: the summary is printed
 
 
@@ -135,4 +135,4 @@ def test_rerun_an_unknown_stage_names_the_defenses_stages(kfp_runs, tmp_path, ca
     assert main(["rerun", "--run", _first_run_id(uri), "--stage", "scoring", "--mlflow-uri", uri,
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "defense 'meca' has no stage 'scoring'" in err and "warmup, score, partition, enhance" in err
+    assert "defense 'meca' has no stage 'scoring'" in err and "warmup, early, score, partition, enhance" in err

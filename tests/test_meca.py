@@ -156,7 +156,7 @@ def test_the_suspect_label_is_the_most_predicted_one_or_with_fitted_the_most_fit
 
 def test_identify_stage_reads_no_ground_truth():
     identify = next(s for s in meca.DEFENSE.stages if s.name == "identify")
-    assert set(identify.upstream) == {"data", "enhance", "warmup", "score"}
+    assert set(identify.upstream) == {"data", "enhance", "early", "score"}
 
 
 def test_relabel_all_is_eq_12_and_agree_keeps_only_suspects_predicted_as_their_label():
@@ -184,15 +184,15 @@ def test_the_second_pass_returns_the_suspect_labels_samples_the_clean_model_vouc
     assert meca.balance_weights(pool, np.array([0, 0, 0, 0, 1, 1, 1, 1]), 1, np.array([7]))[7] == 4.0
 
 
-def test_loss_vote_names_the_label_the_warm_up_fits_first_wherever_the_enhancement_went():
+def test_loss_vote_names_the_label_the_early_model_fits_first_wherever_the_enhancement_went():
     predicted, labels, kl, loss, enhanced = _fitted_target()
     predicted[:] = 2  # the enhancement collapsed onto label 2
     assert meca.suspect_label(predicted, labels) == 2
-    # the 4 lowest warm-up losses of 80 (5 %) are label 0's ids 0-3
+    # the 4 lowest early losses of 80 (5 %) are label 0's ids 0-3
     assert meca.suspect_label(predicted, labels, "loss_vote", loss, 0.05) == 0
     loss[20:24] = -1.0  # now label 1's ids 20-23 are the lowest
     assert meca.suspect_label(predicted, labels, "loss_vote", loss, 0.05) == 1
-    with pytest.raises(ValueError, match="warm-up loss"):
+    with pytest.raises(ValueError, match="early model.s loss"):
         meca.suspect_label(predicted, labels, "loss_vote")
 
 
@@ -227,6 +227,17 @@ def test_the_second_pass_never_vouches_for_a_guarded_sample():
 
 def test_vouch_stage_reads_no_ground_truth_and_final_training_trains_on_its_pool():
     stages_ = {s.name: s for s in meca.DEFENSE.stages}
-    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train", "enhance", "warmup"}
+    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train", "enhance", "early"}
     assert stages_["final_train"].inputs["split"] == "vouch/split.parquet"
     assert stages_["relabel_finetune"].inputs["split"] == "vouch/split.parquet"
+
+
+def test_the_early_model_is_the_protocols_training_cut_to_early_epochs():
+    from components.config import load_config
+
+    cfg = load_config("cpu", {"meca.early_epochs": 3})
+    early = next(s for s in meca.DEFENSE.stages if s.name == "early")
+    given = early.params(cfg)["params"]
+    assert given.epochs == 3 and given.model_dump(exclude={"epochs"}) == \
+        cfg.train.model_copy(update={"seed": cfg.seed}).model_dump(exclude={"epochs"})
+    assert early.upstream == ("data",)  # the delivered data only: no ground truth, no other model
