@@ -1,7 +1,7 @@
 """How well MeCa's guard holds the poison on the early model's loss against the warm-up's (issue "MeCa must remove the
 Blend, SIG and Trojan backdoors too"). A research tool, not a stage: it reads a MeCa run folder of an injected attack
 (its warm-up model, and its early model; a folder from before the `early` stage gets one trained here, the protocol's
-training cut to `meca.early_epochs`, as the stage does) and counts, with the folder's ground truth, the poison and
+training cut to `meca.early_share` of its epochs, as the stage does) and counts, with the folder's ground truth, the poison and
 the clean samples of the target label below the guard at several quantiles, and the within-label AUROC of each loss.
 
     .venv/bin/python scripts/meca_early.py runs/benchmark/meca-trojan-cpu-<time>
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     early = run / "early"
     if not (early / "model.json").exists():
         early = run / "early-measured"  # beside the run's own stages, never in their place
-        train = cfg.train.model_copy(update={"seed": cfg.seed, "epochs": cfg.meca.early_epochs})
+        train = cfg.train.model_copy(update={"seed": cfg.seed, "epochs": meca.early_epochs(cfg.train, cfg.meca)})
         stages.train(data, early, params=train, model_name=cfg.model, desc="early model")
     x, y = stages.tensors(stages.load_dataset(data))
     labels = y.numpy()

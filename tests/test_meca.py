@@ -232,12 +232,15 @@ def test_vouch_stage_reads_no_ground_truth_and_final_training_trains_on_its_pool
     assert stages_["relabel_finetune"].inputs["split"] == "vouch/split.parquet"
 
 
-def test_the_early_model_is_the_protocols_training_cut_to_early_epochs():
+def test_the_early_model_is_the_protocols_training_cut_to_its_early_share():
     from components.config import load_config
 
-    cfg = load_config("cpu", {"meca.early_epochs": 3})
+    cfg = load_config("cpu", {"meca.early_share": 0.3})
     early = next(s for s in meca.DEFENSE.stages if s.name == "early")
     given = early.params(cfg)["params"]
-    assert given.epochs == 3 and given.model_dump(exclude={"epochs"}) == \
+    assert cfg.train.epochs == 10 and given.epochs == 3 and given.model_dump(exclude={"epochs"}) == \
         cfg.train.model_copy(update={"seed": cfg.seed}).model_dump(exclude={"epochs"})
     assert early.upstream == ("data",)  # the delivered data only: no ground truth, no other model
+    assert meca.early_epochs(cfg.train, meca.MecaParams()) == 2  # the CPU protocol's: 2 of 10
+    assert meca.early_epochs(cfg.train.model_copy(update={"epochs": 20}), meca.MecaParams()) == 4  # the demo's
+    assert meca.early_epochs(cfg.train.model_copy(update={"epochs": 1}), meca.MecaParams()) == 1  # never none

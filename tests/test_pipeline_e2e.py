@@ -308,7 +308,8 @@ def test_declared_meca_gives_the_weights_of_the_explicit_stage_sequence(tmp_path
     meca.partition_stage(d / "score" / "scores.parquet", d / "partition", params=p)
     meca.enhance_stage(data, d / "warmup", d / "partition" / "split.parquet", d / "enhance", params=p, base=train,
                        seed=cfg.seed)
-    stages.train(data, d / "early", params=train.model_copy(update={"epochs": p.early_epochs}), model_name=cfg.model)
+    stages.train(data, d / "early", params=train.model_copy(update={"epochs": meca.early_epochs(train, p)}),
+                 model_name=cfg.model)
     meca.identify_stage(data, d / "enhance" / "model", d / "early", d / "score" / "scores.parquet", d / "identify",
                         params=p)
     stages.train(data, d / "final_train", params=cfg.final_params().model_copy(update={"seed": cfg.seed}),

@@ -13,7 +13,7 @@ Reading of the paper (DESIGN.md, "Reading the papers"):
 - Clean samples are those the enhanced model misclassifies (line 12); the final model trains from scratch on
   them (lines 13-15). Section 4.2.4 then relabels the rest with the clean model (Eq. 12) and fine-tunes on all.
 - Beyond the paper (the defaults; README, "MeCa: how the paper is read"): identification per label (`identify`),
-  the suspect label by the lowest-loss vote of an early model (`early_epochs` of training on the whole set: a
+  the suspect label by the lowest-loss vote of an early model (`early_share` of the training on the whole set: a
   backdoor is learned before the clean task), a guard on that loss inside it, and a second pass (`vouch`) in which a
   first clean model vouches for the suspect label's samples before the final model trains.
 """
@@ -64,10 +64,11 @@ class MecaParams(Strict):
     # (`balance`) so that the label weighs in the pool as much as the median other label.
     identify: Literal["paper", "per_label"] = "per_label"
     # The early model whose per-sample loss per_label identification reads (the vote, the guard, the ranks): the
-    # protocol's training cut to `early_epochs`, on the whole set. The poison, fitted through the trigger, is learned
+    # protocol's training cut to the `early_share` of its epochs (`early_epochs`; 2 of the CPU protocol's 10, 4 of the
+    # demo's 20, the same SGD steps), on the whole set. The poison, fitted through the trigger, is learned
     # first; a model trained to the end fits the clean samples too (CPU protocol, Trojan target 3: the guard below
     # holds 492 of the 500 poison and 1 clean cat on the loss after 2 epochs, 439 and 10 after the warm-up's 10)
-    early_epochs: int = Field(2, ge=1)
+    early_share: float = Field(0.2, gt=0, le=1)
     # per_label's suspect label (`suspect_label`): `loss_vote`, the label most common among the `vote_share` of the
     # samples with the lowest early loss (poison is fitted first); `predicted`, the label the enhanced model predicts
     # for the most samples (the sink the enhancement sends other classes' images to); `fitted`, the label whose own
@@ -451,6 +452,11 @@ def _train(c) -> TrainParams:
     return c.train.model_copy(update={"seed": c.seed})
 
 
+def early_epochs(train: TrainParams, params: MecaParams) -> int:
+    """The early model's epochs: the `early_share` of the protocol's, at least one."""
+    return max(1, round(params.early_share * train.epochs))
+
+
 DEFENSE = Defense(
     name="meca", section="meca", params=MecaParams,
     description="MeCa (paper 000): perturbation scoring, partition, backdoor enhancement, clean training, relabel "
@@ -460,9 +466,9 @@ DEFENSE = Defense(
         Stage("warmup", stages.train, {"dataset": f"{DATA}/dataset.npz"}, kind="model", monitor=True,
               params=lambda c: {"params": _train(c), "model_name": c.model, "desc": "warm-up"},
               reads=("train", "seed", "model")),
-        # the early model (`early_epochs`) whose loss per_label identification reads
+        # the early model (`early_share` of the training) whose loss per_label identification reads
         Stage("early", stages.train, {"dataset": f"{DATA}/dataset.npz"}, kind="model",
-              params=lambda c: {"params": _train(c).model_copy(update={"epochs": c.meca.early_epochs}),
+              params=lambda c: {"params": _train(c).model_copy(update={"epochs": early_epochs(c.train, c.meca)}),
                                 "model_name": c.model, "desc": "early model"},
               reads=("train", "seed", "model", "meca")),
         Stage("score", score_kl, {"dataset": f"{DATA}/dataset.npz", "model": "warmup"},
