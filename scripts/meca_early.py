@@ -1,8 +1,9 @@
 """How well MeCa's guard holds the poison on the early model's loss against the warm-up's (issue "MeCa must remove the
 Blend, SIG and Trojan backdoors too"). A research tool, not a stage: it reads a MeCa run folder of an injected attack
-(its warm-up model, and its early model; a folder from before the `early` stage gets one trained here, the protocol's
-training cut to `meca.early_share` of its epochs, as the stage does) and counts, with the folder's ground truth, the poison and
-the clean samples of the target label below the guard at several quantiles, and the within-label AUROC of each loss.
+(its warm-up model, and its early model; a folder from before the `early` stage gets one trained here, the
+protocol's training cut to `meca.early_share` of its epochs, as the stage does) and counts, with the folder's ground
+truth, the poison and the clean samples of the target label below the guard at several quantiles on each loss and on
+either (the default's guard), and the within-label AUROC of each loss.
 
     .venv/bin/python scripts/meca_early.py runs/benchmark/meca-trojan-cpu-<time>
 """
@@ -43,14 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     truth = artifacts.read_table(run / "poison" / "samples.parquet", SAMPLE_SCHEMA)
     poison, target = truth["is_poison"], cfg.attack.target
     own = labels == target
-    for name, folder in (("warm-up", run / "warmup"), ("early", early)):
-        loss = scores.sample_loss(artifacts.load_model(folder)[0], x, y, batch_size=cfg.meca.score_batch)
-        auroc = roc_auc_score(poison[own], -loss[own])
-        print(f"{name} model ({artifacts.load_model(folder)[1]['epochs']} epochs): within-label AUROC {auroc:.3f}")
-        for q in QUANTILES:
-            held = meca.low_loss(loss, labels, target, q)
-            print(f"  guard {q:.1f}: holds {int((held & poison).sum())} of {int(poison.sum())} poison, "
-                  f"{int((held & ~poison).sum())} of {int((own & ~poison).sum())} clean samples of label {target}")
+    losses = {name: scores.sample_loss(artifacts.load_model(folder)[0], x, y, batch_size=cfg.meca.score_batch)
+              for name, folder in (("warm-up", run / "warmup"), ("early", early))}
+    for name, loss in losses.items():
+        print(f"{name} model: within-label AUROC of the loss {roc_auc_score(poison[own], -loss[own]):.3f}")
+    for q in QUANTILES:
+        held = {name: meca.low_loss(loss, labels, target, q) for name, loss in losses.items()}
+        held["either"] = held["warm-up"] | held["early"]
+        print(f"guard {q:.1f}: " + "; ".join(f"{name} holds {int((h & poison).sum())} of {int(poison.sum())} poison, "
+                                             f"{int((h & ~poison).sum())} of {int((own & ~poison).sum())} clean"
+                                             for name, h in held.items()))
     return 0
 
 

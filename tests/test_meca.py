@@ -97,7 +97,8 @@ def test_no_stage_before_evaluation_reads_ground_truth():
 def _fitted_target(n_other: int = 30):
     """Label 0: 10 poison (ids 0-9, low KL and losses) and 10 clean (ids 10-19), all fitted but id 19; labels 1 and
     2: n_other samples each, one of them fitted, the others predicted as label 0 (the sink the enhancement sends other
-    classes to). Returns the enhanced model's predictions, labels, warm-up KL, warm-up loss, enhanced loss."""
+    classes to). Returns the enhanced model's predictions, labels, warm-up KL, warm-up loss, early loss (the same as
+    the warm-up's), enhanced loss."""
     labels = np.concatenate([np.zeros(20, int), np.ones(n_other, int), np.full(n_other, 2)])
     predicted = np.zeros_like(labels)
     predicted[19] = 1
@@ -105,7 +106,7 @@ def _fitted_target(n_other: int = 30):
     kl = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(1.0, 2.0, 10), np.ones(2 * n_other)])
     loss = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(0.5, 1.5, 10), np.ones(2 * n_other)])
     enhanced = np.concatenate([np.linspace(0.0, 0.1, 10), np.linspace(0.2, 0.4, 10), np.ones(2 * n_other)])
-    return predicted, labels, kl, loss, enhanced
+    return predicted, labels, kl, loss, loss.copy(), enhanced
 
 
 def test_paper_identification_is_line_12():
@@ -128,10 +129,10 @@ def test_per_label_identification_returns_the_least_poison_like_share_of_the_ove
 
 
 def test_the_enhanced_models_confidence_is_one_of_the_three_views():
-    predicted, labels, kl, loss, enhanced = _fitted_target()
+    predicted, labels, kl, loss, early, enhanced = _fitted_target()
     loss[:19] = loss[:19][::-1]  # the warm-up's two views now cancel out over label 0's fitted samples (ids 0-18)
     enhanced[:19] = np.linspace(1.0, 0.0, 19)  # and the enhanced model fits ids 0-4 the least surely
-    clean, _, _ = meca.identify(predicted, labels, kl, loss, enhanced,
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, early, enhanced,
                                  meca.MecaParams(label_keep=0.25, balance=False, guard=0))
     assert np.flatnonzero(clean[:20]).tolist() == [0, 1, 2, 3, 4, 19]
 
@@ -156,7 +157,7 @@ def test_the_suspect_label_is_the_most_predicted_one_or_with_fitted_the_most_fit
 
 def test_identify_stage_reads_no_ground_truth():
     identify = next(s for s in meca.DEFENSE.stages if s.name == "identify")
-    assert set(identify.upstream) == {"data", "enhance", "early", "score"}
+    assert set(identify.upstream) == {"data", "enhance", "warmup", "early", "score"}
 
 
 def test_relabel_all_is_eq_12_and_agree_keeps_only_suspects_predicted_as_their_label():
@@ -184,15 +185,15 @@ def test_the_second_pass_returns_the_suspect_labels_samples_the_clean_model_vouc
     assert meca.balance_weights(pool, np.array([0, 0, 0, 0, 1, 1, 1, 1]), 1, np.array([7]))[7] == 4.0
 
 
-def test_loss_vote_names_the_label_the_early_model_fits_first_wherever_the_enhancement_went():
-    predicted, labels, kl, loss, enhanced = _fitted_target()
+def test_loss_vote_names_the_label_the_warm_up_fits_first_wherever_the_enhancement_went():
+    predicted, labels, kl, loss, _, enhanced = _fitted_target()
     predicted[:] = 2  # the enhancement collapsed onto label 2
     assert meca.suspect_label(predicted, labels) == 2
-    # the 4 lowest early losses of 80 (5 %) are label 0's ids 0-3
+    # the 4 lowest warm-up losses of 80 (5 %) are label 0's ids 0-3
     assert meca.suspect_label(predicted, labels, "loss_vote", loss, 0.05) == 0
     loss[20:24] = -1.0  # now label 1's ids 20-23 are the lowest
     assert meca.suspect_label(predicted, labels, "loss_vote", loss, 0.05) == 1
-    with pytest.raises(ValueError, match="early model.s loss"):
+    with pytest.raises(ValueError, match="warm-up loss"):
         meca.suspect_label(predicted, labels, "loss_vote")
 
 
@@ -206,14 +207,29 @@ def test_the_guard_holds_the_labels_samples_below_the_other_labels_loss_quantile
 
 
 def test_identification_keeps_a_guarded_sample_suspect_though_the_enhanced_model_misses_it():
-    predicted, labels, kl, loss, enhanced = _fitted_target()
+    predicted, labels, kl, loss, early, enhanced = _fitted_target()
     predicted[:10] = 1  # the enhanced model misses the ten poison (line 12 alone would call them clean)
     params = meca.MecaParams(label_keep=0.25, balance=False, guard=0.2)  # others' losses all 1: ids 0-14 are below
-    clean, _, label = meca.identify(predicted, labels, kl, loss, enhanced, params)
+    clean, _, label = meca.identify(predicted, labels, kl, loss, early, enhanced, params)
     assert label == 0 and not clean[:15].any()
     assert clean[15:20].all()  # above the guard: the unfitted id 19 and the least poison-like fitted ones return
-    clean, _, _ = meca.identify(predicted, labels, kl, loss, enhanced, params.model_copy(update={"guard": 0.0}))
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, early, enhanced, params.model_copy(update={"guard": 0.0}))
     assert clean[:10].all()  # without the guard line 12 lets the missed poison through
+
+
+def test_the_guard_holds_what_either_the_warm_up_or_the_early_model_fits_below_the_other_labels():
+    predicted, labels, kl, loss, early, enhanced = _fitted_target()
+    predicted[:10] = 1  # the enhanced model misses the ten poison
+    loss[:5] = 1.5  # the warm-up does not fit ids 0-4 (above the other labels' losses, all 1) ...
+    early[5:10] = 1.5  # ... nor does the early model fit ids 5-9
+    params = meca.MecaParams(label_keep=0.25, balance=False, guard=0.2)
+    label, low = meca.suspect_and_guard(predicted, labels, loss, early, params)
+    assert label == 0 and low[:10].all()  # each poison is below on one of the two losses
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, early, enhanced, params)
+    assert not clean[:10].any()
+    # the warm-up's loss alone (the early model's the same) lets ids 0-4 through line 12
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, loss, enhanced, params)
+    assert clean[:5].all() and not clean[5:10].any()
 
 
 def test_the_second_pass_never_vouches_for_a_guarded_sample():
@@ -227,7 +243,7 @@ def test_the_second_pass_never_vouches_for_a_guarded_sample():
 
 def test_vouch_stage_reads_no_ground_truth_and_final_training_trains_on_its_pool():
     stages_ = {s.name: s for s in meca.DEFENSE.stages}
-    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train", "enhance", "early"}
+    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train", "enhance", "warmup", "early"}
     assert stages_["final_train"].inputs["split"] == "vouch/split.parquet"
     assert stages_["relabel_finetune"].inputs["split"] == "vouch/split.parquet"
 

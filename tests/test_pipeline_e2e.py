@@ -16,9 +16,8 @@ from pipelines import local
 from pipelines.cli import main
 
 SMALL = {"train_limit": 1500, "train.epochs": 2, "meca.rounds": 2, "meca.finetune_epochs": 1}
-STAGES = ["poison", "warmup", "score", "partition", "enhance", "identify", "first_train", "vouch", "final_train",
-          "relabel_finetune",
-          "evaluate"]
+STAGES = ["poison", "warmup", "early", "score", "partition", "enhance", "identify", "first_train", "vouch",
+          "final_train", "relabel_finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -310,8 +309,8 @@ def test_declared_meca_gives_the_weights_of_the_explicit_stage_sequence(tmp_path
                        seed=cfg.seed)
     stages.train(data, d / "early", params=train.model_copy(update={"epochs": meca.early_epochs(train, p)}),
                  model_name=cfg.model)
-    meca.identify_stage(data, d / "enhance" / "model", d / "early", d / "score" / "scores.parquet", d / "identify",
-                        params=p)
+    meca.identify_stage(data, d / "enhance" / "model", d / "warmup", d / "early", d / "score" / "scores.parquet",
+                        d / "identify", params=p)
     stages.train(data, d / "final_train", params=cfg.final_params().model_copy(update={"seed": cfg.seed}),
                  model_name=cfg.model, split=d / "identify" / "split.parquet")
     meca.relabel_finetune(data, d / "identify" / "split.parquet", d / "final_train", d / "relabel_finetune",

@@ -13,9 +13,9 @@ Reading of the paper (DESIGN.md, "Reading the papers"):
 - Clean samples are those the enhanced model misclassifies (line 12); the final model trains from scratch on
   them (lines 13-15). Section 4.2.4 then relabels the rest with the clean model (Eq. 12) and fine-tunes on all.
 - Beyond the paper (the defaults; README, "MeCa: how the paper is read"): identification per label (`identify`),
-  the suspect label by the lowest-loss vote of an early model (`early_share` of the training on the whole set: a
-  backdoor is learned before the clean task), a guard on that loss inside it, and a second pass (`vouch`) in which a
-  first clean model vouches for the suspect label's samples before the final model trains.
+  the suspect label by the warm-up's lowest-loss vote, a guard inside it on that loss and on an early model's
+  (`early_share` of the training on the whole set: a backdoor is learned before the clean task), and a second pass
+  (`vouch`) in which a first clean model vouches for the suspect label's samples before the final model trains.
 """
 
 from __future__ import annotations
@@ -63,23 +63,24 @@ class MecaParams(Strict):
     # samples that the warm-up, early and enhanced models find least poison-like, weighted
     # (`balance`) so that the label weighs in the pool as much as the median other label.
     identify: Literal["paper", "per_label"] = "per_label"
-    # The early model whose per-sample loss per_label identification reads (the vote, the guard, the ranks): the
-    # protocol's training cut to the `early_share` of its epochs (`early_epochs`; 2 of the CPU protocol's 10, 4 of the
-    # demo's 20, the same SGD steps), on the whole set. The poison, fitted through the trigger, is learned
-    # first; a model trained to the end fits the clean samples too (CPU protocol, Trojan target 3: the guard below
-    # holds 492 of the 500 poison and 1 clean cat on the loss after 2 epochs, 439 and 10 after the warm-up's 10)
+    # The early model whose per-sample loss per_label identification reads beside the warm-up's (the guard, the ranks):
+    # the protocol's training cut to the `early_share` of its epochs (`early_epochs`; 2 of the CPU protocol's 10, 4 of
+    # the demo's 20, the same SGD steps), on the whole set. A trigger learned early is fitted before the clean task; a
+    # model trained to the end fits the clean samples too (CPU protocol, Trojan target 3: the guard below holds 492 of
+    # the 500 poison and 1 clean cat on the loss after 2 epochs, 439 and 10 after the warm-up's 10). BadNets' patch is
+    # not learned after 2 epochs: the warm-up's loss holds that poison.
     early_share: float = Field(0.2, gt=0, le=1)
     # per_label's suspect label (`suspect_label`): `loss_vote`, the label most common among the `vote_share` of the
-    # samples with the lowest early loss (poison is fitted first); `predicted`, the label the enhanced model predicts
+    # samples with the lowest warm-up loss (poison is fitted first); `predicted`, the label the enhanced model predicts
     # for the most samples (the sink the enhancement sends other classes' images to); `fitted`, the label whose own
     # samples it fits the largest share of
     suspect_label: Literal["loss_vote", "predicted", "fitted"] = "loss_vote"
     vote_share: float = Field(0.05, gt=0, le=1)
-    # per_label: a sample of the suspect label whose early loss is below the `guard` quantile of the other labels'
-    # early losses is suspect whatever the enhanced model does, never returned and never vouched for (`low_loss`);
+    # per_label: a sample of the suspect label whose warm-up or early loss is below the `guard` quantile of the other
+    # labels' is suspect whatever the enhanced model does, never returned and never vouched for (`low_loss`);
     # 0 turns the guard off
     guard: float = Field(0.2, ge=0, lt=1)
-    label_keep: float = Field(0.5, ge=0, le=1)
+    label_keep: float = Field(0.2, ge=0, le=1)
     balance: bool = True
     # A second pass (`vouch`, beyond the paper): the suspects of the suspect label that the first clean model predicts
     # as that label, the guard's excepted, return to the pool, and the final model trains again on it
@@ -196,10 +197,12 @@ def identify_clean(enhanced: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
 
 
 def suspect_label(predicted: np.ndarray, labels: np.ndarray, rule: str = "predicted",
-                  early_loss: np.ndarray | None = None, vote_share: float = 0.05) -> int:
+                  warm_loss: np.ndarray | None = None, vote_share: float = 0.05) -> int:
     """The label per_label identification suspects. `loss_vote`: the label most common among the `vote_share` of the
-    samples with the lowest early-model loss (`early_loss`): a backdoor is learned before the clean task, so the early
-    model fits the poison, which all carry the target label, first; it does not depend on where the enhancement goes.
+    samples with the lowest warm-up loss (`warm_loss`): a backdoor is learned before the clean task, so the warm-up
+    fits the poison, which all carry the target label, first; it does not depend on where the enhancement goes.
+    (Not the early model's loss: after its 2 epochs BadNets' patch is not learned yet, and its vote names another
+    label.)
     From the enhanced model's predictions: `predicted`: the label it predicts for the most samples. The enhancement
     learns the poison and unlearns the clean samples, so it sends the other classes' images to the label all the
     poison carries (the paper's Fig. 6: ACC falls, ASR rises); an easy clean class it may still fit is fitted on its
@@ -207,9 +210,9 @@ def suspect_label(predicted: np.ndarray, labels: np.ndarray, rule: str = "predic
     largest share of (the stopping rule's test, `concentrated`, asks that it be the only one)."""
     k = int(max(labels.max(), predicted.max())) + 1
     if rule == "loss_vote":
-        if early_loss is None:
-            raise ValueError("suspect_label 'loss_vote' needs the early model's loss")
-        return splits.label_vote(early_loss, labels, vote_share, k)[0]
+        if warm_loss is None:
+            raise ValueError("suspect_label 'loss_vote' needs the warm-up loss")
+        return splits.label_vote(warm_loss, labels, vote_share, k)[0]
     if rule == "predicted":
         return int(np.argmax(np.bincount(predicted, minlength=k)))
     fit = predicted == labels
@@ -233,16 +236,19 @@ def low_loss(loss: np.ndarray, labels: np.ndarray, label: int, quantile: float) 
     return (labels == label) & (loss < np.quantile(loss[labels != label], quantile))
 
 
-def suspect_and_guard(predicted: np.ndarray, labels: np.ndarray, early_loss: np.ndarray,
+def suspect_and_guard(predicted: np.ndarray, labels: np.ndarray, warm_loss: np.ndarray, early_loss: np.ndarray,
                       params: MecaParams) -> tuple[int, np.ndarray]:
-    """per_label's suspect label (`suspect_label`) and the guard's mask inside it (`low_loss`), on the early model's
-    loss: one decision, read by identification and by the second pass alike."""
-    label = suspect_label(predicted, labels, params.suspect_label, early_loss, params.vote_share)
-    return label, low_loss(early_loss, labels, label, params.guard)
+    """per_label's suspect label (`suspect_label`, on the warm-up's loss) and the guard's mask inside it (`low_loss`
+    on the warm-up's loss or on the early model's: a trigger learned early, Trojan's or SIG's, shows in the early
+    loss; a small patch, BadNets', is not yet learned after the early model's epochs and shows in the warm-up's
+    only): one decision, read by identification and by the second pass alike."""
+    label = suspect_label(predicted, labels, params.suspect_label, warm_loss, params.vote_share)
+    return label, (low_loss(warm_loss, labels, label, params.guard)
+                   | low_loss(early_loss, labels, label, params.guard))
 
 
-def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np.ndarray, enhanced_loss: np.ndarray,
-             params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
+def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, warm_loss: np.ndarray, early_loss: np.ndarray,
+             enhanced_loss: np.ndarray, params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
     """The clean pool (True = clean), each sample's weight in the final training and the suspect label, from the
     enhanced model's predictions (fitted = predicted as the delivered label).
 
@@ -254,19 +260,19 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, loss: np
     suspect label the samples the enhanced model does not fit stay clean (line 12) unless the guard (`low_loss`)
     holds them, and of those it fits, the `label_keep` share least poison-like by three models' views return to the
     clean pool, the guard's excepted: the highest mean rank,
-    among them, of the warm-up KL (Eq. 3: poison is robust, low KL), the early model's loss (`loss`: poison is fitted
-    first, low loss) and the enhanced model's loss (it fits poison the most confidently). With `balance` the returned samples
+    among them, of the warm-up KL (Eq. 3: poison is robust, low KL), the warm-up loss (poison is fitted first, low
+    loss) and the enhanced model's loss (it fits poison the most confidently). With `balance` the returned samples
     weigh so that the label's weight in the pool equals the median other label's clean count (never less than 1
     each)."""
     fit = predicted == labels
     if params.identify == "paper":
         return ~fit, (~fit).astype(np.float64), None
-    label, low = suspect_and_guard(predicted, labels, loss, params)
+    label, low = suspect_and_guard(predicted, labels, warm_loss, early_loss, params)
     clean = (labels != label) | (~fit & ~low)
     members = np.flatnonzero(~clean)
     back = members[:0]
     if params.label_keep > 0 and len(members):
-        poison_unlike = (within_label_rank(kl[members]) + within_label_rank(loss[members])
+        poison_unlike = (within_label_rank(kl[members]) + within_label_rank(warm_loss[members])
                          + within_label_rank(enhanced_loss[members])) / 3
         back = members[(poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)) & ~low[members]]
         clean[back] = True
@@ -366,28 +372,31 @@ def enhance_stage(dataset: Path, model: Path, split: Path, out: Path, *, params:
             **{f"{k}_r{r['round']}": r[k] for r in observed for k in ("fit_share", "fit_kept", "fit_unlearned")}}
 
 
-def views(x: torch.Tensor, y: torch.Tensor, enhanced: nn.Module, early: nn.Module) -> tuple[np.ndarray, ...]:
-    """Per sample: the enhanced model's prediction and cross-entropy, and the early model's cross-entropy."""
+def views(x: torch.Tensor, y: torch.Tensor, enhanced: nn.Module, warmup: nn.Module,
+          early: nn.Module) -> tuple[np.ndarray, ...]:
+    """Per sample: the enhanced model's prediction and cross-entropy, the warm-up's and the early model's
+    cross-entropy."""
     logits = engine.predict(enhanced, x)
     ce = lambda z: torch.nn.functional.cross_entropy(z, y, reduction="none").numpy()  # noqa: E731
-    return logits.argmax(1).numpy(), ce(logits), ce(engine.predict(early, x))
+    return logits.argmax(1).numpy(), ce(logits), ce(engine.predict(warmup, x)), ce(engine.predict(early, x))
 
 
-def identify_stage(dataset: Path, model: Path, early: Path, score_table: Path, out: Path, *,
+def identify_stage(dataset: Path, model: Path, warmup: Path, early: Path, score_table: Path, out: Path, *,
                    params: MecaParams) -> dict:
-    """MeCa identification (`identify`) with the enhanced model, the early model and the warm-up model's KL scores:
+    """MeCa identification (`identify`) with the enhanced model, the warm-up and early models and the KL scores:
     out/split.parquet (with each sample's `weight` in the final training) and out/scores.parquet (`enhanced_loss`: the
     enhanced model's cross-entropy; low = fitted = poison-like)."""
     ds = stages.load_dataset(dataset)
     x, y = stages.tensors(ds)
     net, meta = artifacts.load_model(model)
-    predicted, loss, early_loss = views(x, y, net, artifacts.load_model(early)[0])
+    predicted, loss, warm_loss, early_loss = views(x, y, net, artifacts.load_model(warmup)[0],
+                                                   artifacts.load_model(early)[0])
     fit = predicted == y.numpy()
     kl = artifacts.read_table(score_table, {**SCORE_SCHEMA, "kl": pa.float64()})["kl"]
     if len(kl) != len(y):
         raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
                             f"rerun the score stage on this data set")
-    clean, weight, label = identify(predicted, y.numpy(), kl, early_loss, loss, params)
+    clean, weight, label = identify(predicted, y.numpy(), kl, warm_loss, early_loss, loss, params)
     stages.write_scores(Path(out) / "scores.parquet", {"enhanced_loss": loss}, model, meta)
     stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
     # the suspect label's fitted samples returned to the clean pool
@@ -397,7 +406,7 @@ def identify_stage(dataset: Path, model: Path, early: Path, score_table: Path, o
             "returned_weight": float(weight[back].max()) if back.any() else 0.0}
 
 
-def vouch_stage(dataset: Path, split: Path, model: Path, enhanced: Path, early: Path, out: Path, *,
+def vouch_stage(dataset: Path, split: Path, model: Path, enhanced: Path, warmup: Path, early: Path, out: Path, *,
                 params: MecaParams) -> dict:
     """MeCa's second identification pass (`vouched`, beyond the paper) with the first clean model (`model`):
     out/split.parquet, the pool the final model trains on. The suspect label and the guard are identification's, from
@@ -414,8 +423,9 @@ def vouch_stage(dataset: Path, split: Path, model: Path, enhanced: Path, early: 
     if params.identify == "paper" or not params.vouch:
         stages.write_split(first, Path(out) / "split.parquet", weight=table["weight"])
         return {"samples": len(labels), "clean": int(first.sum()), "suspect": int((~first).sum()), "vouched": 0}
-    predicted, _, early_loss = views(x, y, artifacts.load_model(enhanced)[0], artifacts.load_model(early)[0])
-    label, low = suspect_and_guard(predicted, labels, early_loss, params)  # identification's, from the same models
+    predicted, _, warm_loss, early_loss = views(x, y, *(artifacts.load_model(m)[0] for m in (enhanced, warmup, early)))
+    # identification's decision, from the same models
+    label, low = suspect_and_guard(predicted, labels, warm_loss, early_loss, params)
     clean_predicted = engine.predict(artifacts.load_model(model)[0], x).argmax(1).numpy()
     clean = vouched(first, labels, label, clean_predicted, low)
     suspected = (labels == label) & ((predicted == labels) | low)  # what the first pass suspected before returning
@@ -480,7 +490,8 @@ DEFENSE = Defense(
               params=lambda c: {"params": c.meca, "base": _train(c), "seed": c.seed},
               reads=("meca", "train", "seed")),
         Stage("identify", identify_stage, {"dataset": f"{DATA}/dataset.npz", "model": "enhance/model",
-                                           "early": "early", "score_table": "score/scores.parquet"},
+                                           "warmup": "warmup", "early": "early",
+                                           "score_table": "score/scores.parquet"},
               params=lambda c: {"params": c.meca}, reads=("meca",)),
         Stage("first_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet"},
               kind="model", monitor=True,
@@ -488,7 +499,8 @@ DEFENSE = Defense(
                                 "desc": "first clean model"},
               reads=("train", "final", "seed", "model")),
         Stage("vouch", vouch_stage, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet",
-                                     "model": "first_train", "enhanced": "enhance/model", "early": "early"},
+                                     "model": "first_train", "enhanced": "enhance/model", "warmup": "warmup",
+                                     "early": "early"},
               params=lambda c: {"params": c.meca}, reads=("meca",)),
         Stage("final_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "vouch/split.parquet"},
               kind="model", monitor=True,
