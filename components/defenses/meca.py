@@ -60,10 +60,10 @@ class MecaParams(Strict):
     stop_low: float = Field(0.15, ge=0, lt=1)
     # Identification (`identify`): `paper` is Algorithm 2, line 12; `per_label` (beyond the paper, for a single-target
     # attack) suspects only the over-fitted label and returns to the clean pool the `label_keep` share of its fitted
-    # samples that the warm-up, early and enhanced models find least poison-like, weighted
+    # samples that the warm-up and enhanced models find least poison-like, weighted
     # (`balance`) so that the label weighs in the pool as much as the median other label.
     identify: Literal["paper", "per_label"] = "per_label"
-    # The early model whose per-sample loss per_label identification reads beside the warm-up's (the guard, the ranks):
+    # The early model whose per-sample loss per_label identification's guard reads beside the warm-up's:
     # the protocol's training cut to the `early_share` of its epochs (`early_epochs`; 2 of the CPU protocol's 10, 4 of
     # the demo's 20, the same SGD steps), on the whole set. A trigger learned early is fitted before the clean task; a
     # model trained to the end fits the clean samples too (CPU protocol, Trojan target 3: the guard below holds 492 of
@@ -226,7 +226,7 @@ def within_label_rank(values: np.ndarray) -> np.ndarray:
 
 
 def low_loss(loss: np.ndarray, labels: np.ndarray, label: int, quantile: float) -> np.ndarray:
-    """The guard: the samples of `label` whose (early-model) loss is below the `quantile` of the other labels' losses.
+    """The guard on one model's loss: the samples of `label` whose loss is below the `quantile` of the other labels'.
     The other labels carry no poison under a single-target attack, so their losses show how low a clean sample's
     goes; the poison, fitted through its trigger, sits below (CPU protocol, the early model at 2 epochs, quantile 0.2:
     492 of 500 Trojan poison and 1 of 1,016 clean cats below on target 3, 474 of 500 SIG poison and 20 of 505 clean
