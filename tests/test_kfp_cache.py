@@ -12,8 +12,8 @@ from components.config import load_config
 from pipelines import kfp_pipelines as kp
 from pipelines.cli import main
 
-MECA_TASKS = {"poison", "warmup", "early", "score", "partition", "enhance", "identify", "first-train", "vouch", "final-train",
-              "relabel-finetune", "evaluate"}
+MECA_TASKS = {"poison", "warmup", "early", "score", "partition", "enhance", "identify", "first-train", "vouch",
+              "final-train", "relabel-finetune", "evaluate"}
 TINY = {"train_limit": 600, "train.epochs": 1, "meca.rounds": 2, "meca.finetune_epochs": 1}
 BOOKKEEPING = {"track-start", "track", "track-exit"}  # the MLflow tasks: never cached, never retried
 
