@@ -243,7 +243,9 @@ def test_the_second_pass_never_vouches_for_a_guarded_sample():
 
 def test_vouch_stage_reads_no_ground_truth_and_final_training_trains_on_its_pool():
     stages_ = {s.name: s for s in meca.DEFENSE.stages}
-    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train", "enhance", "warmup", "early"}
+    # identification's decision comes as its guard table: the enhanced, warm-up and early models are not read again
+    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train"}
+    assert stages_["vouch"].inputs["guard"] == "identify/guard.parquet"
     assert stages_["final_train"].inputs["split"] == "vouch/split.parquet"
     assert stages_["relabel_finetune"].inputs["split"] == "vouch/split.parquet"
 
