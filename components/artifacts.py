@@ -30,6 +30,8 @@ SCORE_SCHEMA = {"sample_id": pa.int64(), "model_ref": pa.string(), "epoch": pa.i
 SPLIT_SCHEMA = {"sample_id": pa.int64(), "pool": pa.string(), "relabel": pa.int64()}
 ROUNDS_SCHEMA = {"sample_id": pa.int64(), "round": pa.int64(), "kl": pa.float64(), "kept": pa.bool_(),
                  "fitted": pa.bool_()}  # MeCa's enhancement, one row per round and sample
+GUARD_SCHEMA = {"sample_id": pa.int64(), "suspect_label": pa.int64(), "suspected": pa.bool_(),
+                "guarded": pa.bool_()}  # MeCa's identification decision, read by its second pass (`vouch`)
 EPOCH_POOLS_SCHEMA = {"epoch": pa.int64(), "sample_id": pa.int64(), "clean": pa.bool_()}  # a training's pools, one
 # row per epoch and sample (BSD's final training re-partitions every epoch)
 POOLS = ("clean", "suspect", "dropped")

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components import artifacts, engine, metrics  # noqa: E402
+from components import evaluation  # noqa: E402
 from components.attacks import attack_from_spec  # noqa: E402
 from components.data import load_images  # noqa: E402
 
@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("attacks", type=Path, nargs="+", help="attack.json files of the poison stage")
     ap.add_argument("--data", default="sample", help="the data set whose test split to trigger")
     args = ap.parse_args(argv)
-    net, _ = artifacts.load_model(args.model)
     test = load_images(args.data, "test")
+    test_x = torch.from_numpy(test.images)
     for path in args.attacks:
         atk = attack_from_spec(json.loads(path.read_text()))
         trig, target = atk.test_inputs(test)
-        pred = engine.predict(net, torch.from_numpy(trig)).argmax(1).numpy()
-        print(f"{path}: {atk.spec()['name']} -> class {atk.target}: ASR "
-              f"{metrics.attack_success_rate(pred, target):.4f} ({len(target)} triggered test images)")
+        m = evaluation.model_metrics(args.model, test_x, test.labels, torch.from_numpy(trig), target, atk.target)
+        print(f"{path}: {atk.spec()['name']} -> class {atk.target}: ASR {m['asr']:.4f} ({len(target)} triggered test "
+              f"images); the model's clean ACC {m['acc']:.4f}, on the target class {m['target_acc']:.4f}")
     return 0
 
 

@@ -217,6 +217,23 @@ def test_identification_keeps_a_guarded_sample_suspect_though_the_enhanced_model
     assert clean[:10].all()  # without the guard line 12 lets the missed poison through
 
 
+def test_line_12_inside_the_label_is_trusted_only_when_the_enhancement_concentrated_on_it():
+    predicted, labels, kl, loss, early, enhanced = _fitted_target()
+    predicted[:10] = 1  # the enhanced model misses the ten poison
+    params = meca.MecaParams(label_keep=0.25, balance=False, guard=0.0, trust_fit="concentrated")
+    on_label = [{"fit_by_label": [0.95, 0.03, 0.03]}]
+    elsewhere = [{"fit_by_label": [0.95, 0.0, 0.0]}, {"fit_by_label": [0.10, 0.0, 0.97]}]  # the last round counts
+    assert meca.focused(on_label, 0, params) and not meca.focused(elsewhere, 0, params)
+    assert not meca.focused([{"fit_by_label": [0.85, 0.03, 0.03]}], 0, params)  # below stop_high: not concentrated
+    clean, _, label = meca.identify(predicted, labels, kl, loss, early, enhanced, params, on_label)
+    assert label == 0 and clean[:10].all()  # concentrated on the label: its misses are clean (line 12)
+    clean, _, _ = meca.identify(predicted, labels, kl, loss, early, enhanced, params, elsewhere)
+    # elsewhere: the whole label is suspect, and of its 20 samples the 5 least poison-like (ids 15-19) return
+    assert np.flatnonzero(clean[:20]).tolist() == [15, 16, 17, 18, 19] and clean[20:].all()
+    always = params.model_copy(update={"trust_fit": "always"})
+    assert meca.identify(predicted, labels, kl, loss, early, enhanced, always, elsewhere)[0][:10].all()
+
+
 def test_the_guard_holds_what_either_the_warm_up_or_the_early_model_fits_below_the_other_labels():
     predicted, labels, kl, loss, early, enhanced = _fitted_target()
     predicted[:10] = 1  # the enhanced model misses the ten poison
@@ -243,7 +260,9 @@ def test_the_second_pass_never_vouches_for_a_guarded_sample():
 
 def test_vouch_stage_reads_no_ground_truth_and_final_training_trains_on_its_pool():
     stages_ = {s.name: s for s in meca.DEFENSE.stages}
-    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train", "enhance", "warmup", "early"}
+    # identification's decision comes as its guard table: the enhanced, warm-up and early models are not read again
+    assert set(stages_["vouch"].upstream) == {"data", "identify", "first_train"}
+    assert stages_["vouch"].inputs["guard"] == "identify/guard.parquet"
     assert stages_["final_train"].inputs["split"] == "vouch/split.parquet"
     assert stages_["relabel_finetune"].inputs["split"] == "vouch/split.parquet"
 

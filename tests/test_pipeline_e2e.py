@@ -76,6 +76,14 @@ def test_score_split_and_round_tables(meca_run):
     label = json.loads((run_dir / "vouch" / "stage.json").read_text())["result"]["suspect_label"]
     labels = stages.load_dataset(run_dir / "poison" / "dataset.npz").labels
     assert (second >= first).all() and (labels[second & ~first] == label).all()
+    # ... as identification decided: its label, never a guarded sample, and every suspect it left out of the pool
+    guard = pq.read_table(run_dir / "identify" / "guard.parquet")
+    assert _schema(run_dir / "identify" / "guard.parquet") == {"sample_id": "int64", "suspect_label": "int64",
+                                                               "suspected": "bool", "guarded": "bool"}
+    guarded, suspected = (guard.column(c).to_numpy(zero_copy_only=False) for c in ("guarded", "suspected"))
+    assert set(guard.column("suspect_label").to_pylist()) == {label}
+    assert (labels[suspected | guarded] == label).all() and not (second & ~first & guarded).any()
+    assert (~first <= (suspected | (labels != label))).all()
     relabel = pq.read_table(run_dir / "relabel_finetune" / "split.parquet").to_pydict()
     assert np.array_equal(np.array(relabel["pool"]) == "clean", second)
     suspect = np.array(relabel["pool"]) == "suspect"

@@ -32,7 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from components import artifacts, checkpoint, engine, scores, splits, stages
-from components.artifacts import ROUNDS_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
+from components.artifacts import GUARD_SCHEMA, ROUNDS_SCHEMA, SCORE_SCHEMA, SPLIT_SCHEMA
 from components.defenses.base import DATA, Defense, Evaluation, Stage
 from components.errors import UnpoisonError
 from components.params import Strict, TrainParams, final_params
@@ -81,6 +81,11 @@ class MecaParams(Strict):
     # 0 turns the guard off
     guard: float = Field(0.2, ge=0, lt=1)
     label_keep: float = Field(0.2, ge=0, le=1)
+    # per_label, inside the suspect label: `always` trusts line 12 (a sample the enhanced model does not fit is clean,
+    # unless guarded); `concentrated` trusts it only when the enhancement's last round concentrated on that label
+    # (`focused`, the stopping rule's own test) and otherwise suspects the whole label, so that the second pass decides
+    # (an enhancement that went to another label says little about which of this label's samples it misses)
+    trust_fit: Literal["always", "concentrated"] = "always"
     balance: bool = True
     # A second pass (`vouch`, beyond the paper): the suspects of the suspect label that the first clean model predicts
     # as that label, the guard's excepted, return to the pool, and the final model trains again on it
@@ -247,8 +252,25 @@ def suspect_and_guard(predicted: np.ndarray, labels: np.ndarray, warm_loss: np.n
                    | low_loss(early_loss, labels, label, params.guard))
 
 
+def focused(rounds: list[dict], label: int, params: MecaParams) -> bool:
+    """Whether the enhancement's last round, the enhanced model, concentrated on `label` (`concentrated`, the stopping
+    rule's test, with the fit shares per label that `observe` recorded)."""
+    fit = rounds[-1]["fit_by_label"]
+    return concentrated(fit, params.stop_high, params.stop_low) and int(np.nanargmax(fit)) == label
+
+
+def line12_fit(predicted: np.ndarray, labels: np.ndarray, label: int, on_label: bool,
+               params: MecaParams) -> np.ndarray:
+    """What per_label identification counts as fitted by the enhanced model: predicted as the delivered label; with
+    `trust_fit: concentrated` and an enhancement that did not concentrate on the suspect label (`on_label` False,
+    `focused`), every sample of that label."""
+    fit = predicted == labels
+    return fit | (labels == label) if params.trust_fit == "concentrated" and not on_label else fit
+
+
 def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, warm_loss: np.ndarray, early_loss: np.ndarray,
-             enhanced_loss: np.ndarray, params: MecaParams) -> tuple[np.ndarray, np.ndarray, int | None]:
+             enhanced_loss: np.ndarray, params: MecaParams,
+             rounds: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
     """The clean pool (True = clean), each sample's weight in the final training and the suspect label, from the
     enhanced model's predictions (fitted = predicted as the delivered label).
 
@@ -263,11 +285,12 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, warm_los
     among them, of the warm-up KL (Eq. 3: poison is robust, low KL), the warm-up loss (poison is fitted first, low
     loss) and the enhanced model's loss (it fits poison the most confidently). With `balance` the returned samples
     weigh so that the label's weight in the pool equals the median other label's clean count (never less than 1
-    each)."""
-    fit = predicted == labels
+    each). `rounds` (the enhancement's records, `observe`) is what `trust_fit: concentrated` reads (`line12_fit`)."""
     if params.identify == "paper":
+        fit = predicted == labels
         return ~fit, (~fit).astype(np.float64), None
     label, low = suspect_and_guard(predicted, labels, warm_loss, early_loss, params)
+    fit = line12_fit(predicted, labels, label, rounds is None or focused(rounds, label, params), params)
     clean = (labels != label) | (~fit & ~low)
     members = np.flatnonzero(~clean)
     back = members[:0]
@@ -381,55 +404,64 @@ def views(x: torch.Tensor, y: torch.Tensor, enhanced: nn.Module, warmup: nn.Modu
     return logits.argmax(1).numpy(), ce(logits), ce(engine.predict(warmup, x)), ce(engine.predict(early, x))
 
 
-def identify_stage(dataset: Path, model: Path, warmup: Path, early: Path, score_table: Path, out: Path, *,
+def identify_stage(dataset: Path, model: Path, warmup: Path, early: Path, score_table: Path, rounds: Path, out: Path, *,
                    params: MecaParams) -> dict:
     """MeCa identification (`identify`) with the enhanced model, the warm-up and early models and the KL scores:
-    out/split.parquet (with each sample's `weight` in the final training) and out/scores.parquet (`enhanced_loss`: the
-    enhanced model's cross-entropy; low = fitted = poison-like)."""
+    out/split.parquet (with each sample's `weight` in the final training), out/scores.parquet (`enhanced_loss`: the
+    enhanced model's cross-entropy; low = fitted = poison-like) and out/guard.parquet, the decision the second pass
+    reads (`suspect_label`, -1 under `identify: paper`; `suspected`: of that label and fitted or guarded, before the
+    `label_keep` share returned; `guarded`: what the guard holds, `suspect_and_guard`)."""
     ds = stages.load_dataset(dataset)
     x, y = stages.tensors(ds)
+    labels = y.numpy()
     net, meta = artifacts.load_model(model)
     predicted, loss, warm_loss, early_loss = views(x, y, net, artifacts.load_model(warmup)[0],
                                                    artifacts.load_model(early)[0])
-    fit = predicted == y.numpy()
     kl = artifacts.read_table(score_table, {**SCORE_SCHEMA, "kl": pa.float64()})["kl"]
     if len(kl) != len(y):
         raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
                             f"rerun the score stage on this data set")
-    clean, weight, label = identify(predicted, y.numpy(), kl, warm_loss, early_loss, loss, params)
-    stages.write_scores(Path(out) / "scores.parquet", {"enhanced_loss": loss}, model, meta)
-    stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
-    # the suspect label's fitted samples returned to the clean pool
-    back = clean & fit & (y.numpy() == label) if label is not None else np.zeros(len(y), bool)
+    observed = artifacts.read_json(rounds)
+    clean, weight, label = identify(predicted, labels, kl, warm_loss, early_loss, loss, params, observed)
+    guarded, suspected, on_label = np.zeros(len(labels), bool), np.zeros(len(labels), bool), False
+    if label is not None:
+        guarded = suspect_and_guard(predicted, labels, warm_loss, early_loss, params)[1]
+        on_label = focused(observed, label, params)
+        suspected = (labels == label) & (line12_fit(predicted, labels, label, on_label, params) | guarded)
+    out = Path(out)
+    stages.write_scores(out / "scores.parquet", {"enhanced_loss": loss}, model, meta)
+    stages.write_split(clean, out / "split.parquet", weight=weight)
+    artifacts.write_table({"sample_id": np.arange(len(labels)), "suspect_label": np.full(len(labels), label
+                           if label is not None else -1), "suspected": suspected, "guarded": guarded},
+                          out / "guard.parquet", GUARD_SCHEMA)
+    back = clean & suspected  # the suspect label's suspects returned to the clean pool
     return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum()),
-            "suspect_label": -1 if label is None else label, "returned": int(back.sum()),
+            "suspect_label": -1 if label is None else label, "focused": on_label, "returned": int(back.sum()),
             "returned_weight": float(weight[back].max()) if back.any() else 0.0}
 
 
-def vouch_stage(dataset: Path, split: Path, model: Path, enhanced: Path, warmup: Path, early: Path, out: Path, *,
-                params: MecaParams) -> dict:
+def vouch_stage(dataset: Path, split: Path, model: Path, guard: Path, out: Path, *, params: MecaParams) -> dict:
     """MeCa's second identification pass (`vouched`, beyond the paper) with the first clean model (`model`):
-    out/split.parquet, the pool the final model trains on. The suspect label and the guard are identification's, from
-    the same models; the label's returned samples weigh again so that it weighs as much as the median other label
-    (`balance_weights`). With `vouch` off or `identify: paper` the first pass's split passes unchanged."""
+    out/split.parquet, the pool the final model trains on. The suspect label, what it suspected and the guard are
+    identification's (`guard`: its guard.parquet); the label's returned samples weigh again so that it weighs as much
+    as the median other label (`balance_weights`). With `vouch` off or `identify: paper` the first pass's split passes
+    unchanged."""
     ds = stages.load_dataset(dataset)
-    x, y = stages.tensors(ds)
-    labels = y.numpy()
+    labels = ds.labels
     table = artifacts.read_table(split, {**SPLIT_SCHEMA, "weight": pa.float64()})
+    decision = artifacts.read_table(guard, GUARD_SCHEMA)
     first = table["pool"] == "clean"
-    if len(first) != len(labels):
-        raise UnpoisonError(f"split '{split}' has {len(first)} samples, the data set {len(labels)}; rerun "
-                            f"identification on this data set")
-    if params.identify == "paper" or not params.vouch:
+    for name, n in (("split", len(first)), ("guard", len(decision["sample_id"]))):
+        if n != len(labels):
+            raise UnpoisonError(f"{name} '{split if name == 'split' else guard}' has {n} samples, the data set "
+                                f"{len(labels)}; rerun identification on this data set")
+    label = int(decision["suspect_label"][0]) if len(labels) else -1
+    if params.identify == "paper" or not params.vouch or label < 0:
         stages.write_split(first, Path(out) / "split.parquet", weight=table["weight"])
         return {"samples": len(labels), "clean": int(first.sum()), "suspect": int((~first).sum()), "vouched": 0}
-    predicted, _, warm_loss, early_loss = views(x, y, *(artifacts.load_model(m)[0] for m in (enhanced, warmup, early)))
-    # identification's decision, from the same models
-    label, low = suspect_and_guard(predicted, labels, warm_loss, early_loss, params)
-    clean_predicted = engine.predict(artifacts.load_model(model)[0], x).argmax(1).numpy()
-    clean = vouched(first, labels, label, clean_predicted, low)
-    suspected = (labels == label) & ((predicted == labels) | low)  # what the first pass suspected before returning
-    back = np.flatnonzero(clean & suspected)
+    clean_predicted = engine.predict(artifacts.load_model(model)[0], torch.from_numpy(ds.images)).argmax(1).numpy()
+    clean = vouched(first, labels, label, clean_predicted, decision["guarded"])
+    back = np.flatnonzero(clean & decision["suspected"])
     weight = balance_weights(clean, labels, label, back) if params.balance else clean.astype(np.float64)
     stages.write_split(clean, Path(out) / "split.parquet", weight=weight)
     return {"samples": len(labels), "clean": int(clean.sum()), "suspect": int((~clean).sum()), "suspect_label": label,
@@ -491,7 +523,7 @@ DEFENSE = Defense(
               reads=("meca", "train", "seed")),
         Stage("identify", identify_stage, {"dataset": f"{DATA}/dataset.npz", "model": "enhance/model",
                                            "warmup": "warmup", "early": "early",
-                                           "score_table": "score/scores.parquet"},
+                                           "score_table": "score/scores.parquet", "rounds": "enhance/rounds.json"},
               params=lambda c: {"params": c.meca}, reads=("meca",)),
         Stage("first_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet"},
               kind="model", monitor=True,
@@ -499,8 +531,7 @@ DEFENSE = Defense(
                                 "desc": "first clean model"},
               reads=("train", "final", "seed", "model")),
         Stage("vouch", vouch_stage, {"dataset": f"{DATA}/dataset.npz", "split": "identify/split.parquet",
-                                     "model": "first_train", "enhanced": "enhance/model", "warmup": "warmup",
-                                     "early": "early"},
+                                     "model": "first_train", "guard": "identify/guard.parquet"},
               params=lambda c: {"params": c.meca}, reads=("meca",)),
         Stage("final_train", stages.train, {"dataset": f"{DATA}/dataset.npz", "split": "vouch/split.parquet"},
               kind="model", monitor=True,
