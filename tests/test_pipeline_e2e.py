@@ -318,7 +318,7 @@ def test_declared_meca_gives_the_weights_of_the_explicit_stage_sequence(tmp_path
     stages.train(data, d / "early", params=train.model_copy(update={"epochs": meca.early_epochs(train, p)}),
                  model_name=cfg.model)
     meca.identify_stage(data, d / "enhance" / "model", d / "warmup", d / "early", d / "score" / "scores.parquet",
-                        d / "identify", params=p)
+                        d / "enhance" / "rounds.json", d / "identify", params=p)
     stages.train(data, d / "final_train", params=cfg.final_params().model_copy(update={"seed": cfg.seed}),
                  model_name=cfg.model, split=d / "identify" / "split.parquet")
     meca.relabel_finetune(data, d / "identify" / "split.parquet", d / "final_train", d / "relabel_finetune",
