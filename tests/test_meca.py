@@ -249,6 +249,12 @@ def test_the_guard_holds_what_either_the_warm_up_or_the_early_model_fits_below_t
     assert clean[:5].all() and not clean[5:10].any()
 
 
+def test_label_rank_is_the_delivered_labels_place_among_the_models_classes():
+    logits = np.array([[3.0, 2.0, 1.0], [0.1, 0.5, 0.2], [1.0, 0.0, 2.0]])
+    assert meca.label_rank(logits, np.array([0, 0, 0])).tolist() == [0, 2, 1]
+    assert meca.label_rank(logits, np.array([1, 1, 2])).tolist() == [1, 0, 0]
+
+
 def test_the_second_pass_never_vouches_for_a_guarded_sample():
     labels = np.array([0, 0, 0, 1, 1])
     first = np.array([False, False, False, True, True])

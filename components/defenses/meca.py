@@ -90,6 +90,9 @@ class MecaParams(Strict):
     # A second pass (`vouch`, beyond the paper): the suspects of the suspect label that the first clean model predicts
     # as that label, the guard's excepted, return to the pool, and the final model trains again on it
     vouch: bool = True
+    # the second pass vouches for a suspect when its label is among the first clean model's `vouch_rank` most likely
+    # classes (1: its prediction). That model trained on few of the label's samples and under-predicts the label
+    vouch_rank: int = Field(1, ge=1)
     score_batch: int = Field(512, ge=1)
     finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
     # Section 4.2.4's relabelling (`relabel_finetune`): `all` is Eq. 12, every suspect takes the clean model's
@@ -315,6 +318,11 @@ def balance_weights(clean: np.ndarray, labels: np.ndarray, label: int, back: np.
     return weight
 
 
+def label_rank(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each sample's delivered label's rank among a model's classes (0 = predicted, 1 = second most likely, ...)."""
+    return (logits > logits[np.arange(len(labels)), labels][:, None]).sum(1)
+
+
 def vouched(clean: np.ndarray, labels: np.ndarray, label: int, clean_predicted: np.ndarray,
             guarded: np.ndarray | None = None) -> np.ndarray:
     """The second identification pass (beyond the paper; the `vouch` stage): the suspects of the suspect label that
@@ -459,7 +467,9 @@ def vouch_stage(dataset: Path, split: Path, model: Path, guard: Path, out: Path,
     if params.identify == "paper" or not params.vouch or label < 0:
         stages.write_split(first, Path(out) / "split.parquet", weight=table["weight"])
         return {"samples": len(labels), "clean": int(first.sum()), "suspect": int((~first).sum()), "vouched": 0}
-    clean_predicted = engine.predict(artifacts.load_model(model)[0], torch.from_numpy(ds.images)).argmax(1).numpy()
+    logits = engine.predict(artifacts.load_model(model)[0], torch.from_numpy(ds.images)).float().numpy()
+    # a sample whose label is within the clean model's `vouch_rank` counts as predicted as its label
+    clean_predicted = np.where(label_rank(logits, labels) < params.vouch_rank, labels, logits.argmax(1))
     clean = vouched(first, labels, label, clean_predicted, decision["guarded"])
     back = np.flatnonzero(clean & decision["suspected"])
     weight = balance_weights(clean, labels, label, back) if params.balance else clean.astype(np.float64)
