@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -271,9 +271,25 @@ def line12_fit(predicted: np.ndarray, labels: np.ndarray, label: int, on_label: 
     return fit | (labels == label) if params.trust_fit == "concentrated" and not on_label else fit
 
 
+class Decision(NamedTuple):
+    """Identification's outcome: the pool and weights (`identify`), and what the second pass reads of it."""
+    clean: np.ndarray  # True = clean pool
+    weight: np.ndarray  # each sample's weight in the final training
+    label: int | None  # the suspect label (None under `identify: paper`)
+    suspected: np.ndarray  # of the label and fitted (`line12_fit`) or guarded, before the `label_keep` share returned
+    guarded: np.ndarray  # what the guard holds (`suspect_and_guard`)
+    focused: bool  # whether the enhancement's last round concentrated on the label (`focused`)
+
+
 def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, warm_loss: np.ndarray, early_loss: np.ndarray,
              enhanced_loss: np.ndarray, params: MecaParams,
              rounds: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """The clean pool, the weights and the suspect label of `decide`."""
+    return decide(predicted, labels, kl, warm_loss, early_loss, enhanced_loss, params, rounds)[:3]
+
+
+def decide(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, warm_loss: np.ndarray, early_loss: np.ndarray,
+           enhanced_loss: np.ndarray, params: MecaParams, rounds: list[dict] | None = None) -> Decision:
     """The clean pool (True = clean), each sample's weight in the final training and the suspect label, from the
     enhanced model's predictions (fitted = predicted as the delivered label).
 
@@ -291,10 +307,13 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, warm_los
     each). `rounds` (the enhancement's records, `observe`) is what `trust_fit: concentrated` reads (`line12_fit`)."""
     if params.identify == "paper":
         fit = predicted == labels
-        return ~fit, (~fit).astype(np.float64), None
+        none = np.zeros(len(labels), bool)
+        return Decision(~fit, (~fit).astype(np.float64), None, none, none, False)
     label, low = suspect_and_guard(predicted, labels, warm_loss, early_loss, params)
-    fit = line12_fit(predicted, labels, label, rounds is None or focused(rounds, label, params), params)
+    on_label = rounds is None or focused(rounds, label, params)
+    fit = line12_fit(predicted, labels, label, on_label, params)
     clean = (labels != label) | (~fit & ~low)
+    suspected = ~clean
     members = np.flatnonzero(~clean)
     back = members[:0]
     if params.label_keep > 0 and len(members):
@@ -303,7 +322,7 @@ def identify(predicted: np.ndarray, labels: np.ndarray, kl: np.ndarray, warm_los
         back = members[(poison_unlike >= np.quantile(poison_unlike, 1 - params.label_keep)) & ~low[members]]
         clean[back] = True
     weight = balance_weights(clean, labels, label, back) if params.balance else clean.astype(np.float64)
-    return clean, weight, label
+    return Decision(clean, weight, label, suspected, low, on_label)
 
 
 def balance_weights(clean: np.ndarray, labels: np.ndarray, label: int, back: np.ndarray) -> np.ndarray:
@@ -429,23 +448,17 @@ def identify_stage(dataset: Path, model: Path, warmup: Path, early: Path, score_
     if len(kl) != len(y):
         raise UnpoisonError(f"score table '{score_table}' scores {len(kl)} samples, the data set has {len(y)}; "
                             f"rerun the score stage on this data set")
-    observed = artifacts.read_json(rounds)
-    clean, weight, label = identify(predicted, labels, kl, warm_loss, early_loss, loss, params, observed)
-    guarded, suspected, on_label = np.zeros(len(labels), bool), np.zeros(len(labels), bool), False
-    if label is not None:
-        guarded = suspect_and_guard(predicted, labels, warm_loss, early_loss, params)[1]
-        on_label = focused(observed, label, params)
-        suspected = (labels == label) & (line12_fit(predicted, labels, label, on_label, params) | guarded)
+    d = decide(predicted, labels, kl, warm_loss, early_loss, loss, params, artifacts.read_json(rounds))
+    label = -1 if d.label is None else d.label
     out = Path(out)
     stages.write_scores(out / "scores.parquet", {"enhanced_loss": loss}, model, meta)
-    stages.write_split(clean, out / "split.parquet", weight=weight)
-    artifacts.write_table({"sample_id": np.arange(len(labels)), "suspect_label": np.full(len(labels), label
-                           if label is not None else -1), "suspected": suspected, "guarded": guarded},
-                          out / "guard.parquet", GUARD_SCHEMA)
-    back = clean & suspected  # the suspect label's suspects returned to the clean pool
-    return {"samples": len(ds), "clean": int(clean.sum()), "suspect": int((~clean).sum()),
-            "suspect_label": -1 if label is None else label, "focused": on_label, "returned": int(back.sum()),
-            "returned_weight": float(weight[back].max()) if back.any() else 0.0}
+    stages.write_split(d.clean, out / "split.parquet", weight=d.weight)
+    artifacts.write_table({"sample_id": np.arange(len(labels)), "suspect_label": np.full(len(labels), label),
+                           "suspected": d.suspected, "guarded": d.guarded}, out / "guard.parquet", GUARD_SCHEMA)
+    back = d.clean & d.suspected  # the suspect label's suspects returned to the clean pool
+    return {"samples": len(ds), "clean": int(d.clean.sum()), "suspect": int((~d.clean).sum()),
+            "suspect_label": label, "focused": d.focused, "returned": int(back.sum()),
+            "returned_weight": float(d.weight[back].max()) if back.any() else 0.0}
 
 
 def vouch_stage(dataset: Path, split: Path, model: Path, guard: Path, out: Path, *, params: MecaParams) -> dict:
@@ -459,10 +472,10 @@ def vouch_stage(dataset: Path, split: Path, model: Path, guard: Path, out: Path,
     table = artifacts.read_table(split, {**SPLIT_SCHEMA, "weight": pa.float64()})
     decision = artifacts.read_table(guard, GUARD_SCHEMA)
     first = table["pool"] == "clean"
-    for name, n in (("split", len(first)), ("guard", len(decision["sample_id"]))):
+    for path, n in ((split, len(first)), (guard, len(decision["sample_id"]))):
         if n != len(labels):
-            raise UnpoisonError(f"{name} '{split if name == 'split' else guard}' has {n} samples, the data set "
-                                f"{len(labels)}; rerun identification on this data set")
+            raise UnpoisonError(f"'{path}' has {n} samples, the data set {len(labels)}; rerun identification on this "
+                                f"data set")
     label = int(decision["suspect_label"][0]) if len(labels) else -1
     if params.identify == "paper" or not params.vouch or label < 0:
         stages.write_split(first, Path(out) / "split.parquet", weight=table["weight"])
