@@ -83,20 +83,31 @@ def _track(parent: tracking.Run | None, defense: Defense, cfg: RunConfig, dirs: 
                       {s: (str(d), str(d)) for s, d in dirs.items()})
 
 
-def _new_run_dir(out_root: Path, name: str) -> Path:
-    final_dir = Path(out_root) / name
-    if final_dir.exists():
-        raise UnpoisonError(f"run folder '{final_dir}' already exists; pass another --name or remove it")
-    run_dir = Path(out_root) / f"{name}.partial"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    return run_dir
+def _new_run_dir(out_root: Path, name: str, numbered: bool = False) -> Path:
+    """Create `<out_root>/<name>.partial/` for a new run, exclusively: a folder of that name, finished or partial,
+    belongs to another run (one in progress, or one stopped before its end, whose outputs are kept). With `numbered`
+    (a name the tool made from the time, to the second) a clash takes the next free `<name>-2`, `-3`, ...: two runs
+    started in the same second get two folders. Otherwise the clash is an error naming the folder."""
+    for n in range(1, 1000 if numbered else 2):
+        candidate = name if n == 1 else f"{name}-{n}"
+        final_dir, run_dir = Path(out_root) / candidate, Path(out_root) / f"{candidate}.partial"
+        if final_dir.exists():
+            continue
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return run_dir
+    raise UnpoisonError(f"run folder '{Path(out_root) / name}' or '{name}.partial' beside it already exists (a run of "
+                        f"that name finished, is in progress or stopped before its end); pass another --name or "
+                        f"remove the folder")
 
 
 def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None, name: str | None = None) -> Path:
     d = validate(defense, cfg)
-    name = name or f"{defense}-{cfg.attack.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = _new_run_dir(out_root, name)
+    run_dir = _new_run_dir(out_root, name or f"{defense}-{cfg.attack.name}-{datetime.now():%Y%m%d-%H%M%S}",
+                           numbered=name is None)
+    name = run_dir.name.removesuffix(".partial")
     artifacts.write_json({"defense": defense, "config": cfg.model_dump()}, run_dir / "config.json")
     parent = _open(d, cfg, name, mlflow_uri, {"unpoison.engine": "local"})
     with tracking.fail_on_error(parent):
@@ -110,9 +121,10 @@ def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None,
 
 
 def rerun(defense: str, cfg: RunConfig, earlier: dict[str, Path], stage: str, out_root: Path, *, downstream: bool,
-          mlflow_uri: str | None, name: str) -> Path:
+          mlflow_uri: str | None, name: str, numbered: bool = True) -> Path:
     """Rerun `stage` (and with `downstream` every stage after it that depends on it) with `cfg`, reading every
-    other input from the earlier run's stage folders `earlier`. Nothing upstream executes."""
+    other input from the earlier run's stage folders `earlier`, into the run folder `name` (`numbered`: a name made
+    from the time, `_new_run_dir`). Nothing upstream executes."""
     d = get(defense)
     delivered = cfg.attack.name == "none"
     d.stage(stage, delivered)  # an unknown stage fails here, naming the defense's stages
@@ -123,7 +135,8 @@ def rerun(defense: str, cfg: RunConfig, earlier: dict[str, Path], stage: str, ou
     if lacking:
         raise UnpoisonError(f"the earlier run has no output for stage(s) {', '.join(lacking)}; rerun from an earlier "
                             f"stage or with --downstream")
-    run_dir = _new_run_dir(out_root, name)
+    run_dir = _new_run_dir(out_root, name, numbered)
+    name = run_dir.name.removesuffix(".partial")
     artifacts.write_json({"defense": defense, "config": cfg.model_dump(), "rerun": {"stage": stage,
                           "downstream": downstream, "inputs": {s: str(p) for s, p in earlier.items()}}},
                          run_dir / "config.json")

@@ -104,6 +104,24 @@ def test_atomic_path_publishes_a_complete_synced_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- rerun
 
 
+def test_two_runs_of_one_name_never_share_a_folder(tmp_path):
+    # two reruns started in the same second once got the same time-stamped name: the second emptied the first's
+    # .partial folder and both wrote into it
+    from pipelines.local import _new_run_dir
+
+    first = _new_run_dir(tmp_path, "meca-sig-20261208-010846", numbered=True)
+    (first / "stage.json").write_text("{}")
+    second = _new_run_dir(tmp_path, "meca-sig-20261208-010846", numbered=True)
+    assert first.name == "meca-sig-20261208-010846.partial" and second.name == "meca-sig-20261208-010846-2.partial"
+    assert (first / "stage.json").is_file()  # the first run's outputs are untouched
+    with pytest.raises(UnpoisonError, match="already exists.*another --name"):
+        _new_run_dir(tmp_path, "meca-sig-20261208-010846")  # a name the user gave is never renumbered
+    assert (first / "stage.json").is_file()
+    (tmp_path / "done").mkdir()
+    with pytest.raises(UnpoisonError, match="'.*done' or 'done.partial'"):
+        _new_run_dir(tmp_path, "done")
+
+
 def test_rerun_reference_with_quotes(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
