@@ -86,16 +86,19 @@ class MecaParams(Strict):
     # (`focused`, the stopping rule's own test) and otherwise suspects the whole label, so that the second pass decides
     # (an enhancement that went to another label says little about which of this label's samples it misses; Blend at
     # 2 %, CPU protocol: the enhancement concentrated on horse, the vote named airplane, and line 12 inside airplane
-    # left 16 of the 200 poison in the pool, ASR 0.052; 3 with `concentrated` and `vouch_rank` 2)
-    trust_fit: Literal["always", "concentrated"] = "concentrated"
+    # left 16 of the 200 poison in the pool, ASR 0.052; 3 with `concentrated` and `vouch_rank` 2). Not the default:
+    # on SIG the whole label suspected leaves the first pool few of its clean samples, the returned ones weigh up to
+    # 5.4 each, and the few poison among them with them (AMD EPYC: ASR 0.131 against 0.008 with `always`; README)
+    trust_fit: Literal["always", "concentrated"] = "always"
     balance: bool = True
     # A second pass (`vouch`, beyond the paper): the suspects of the suspect label that the first clean model predicts
     # as that label, the guard's excepted, return to the pool, and the final model trains again on it
     vouch: bool = True
     # the second pass vouches for a suspect when its label is among the first clean model's `vouch_rank` most likely
     # classes (1: its prediction). That model trained on few of the label's samples and under-predicts the label (CPU
-    # protocol, Trojan target 3: it vouches for 540 of the clean cats at 2 and 274 at 1, and for none of the poison)
-    vouch_rank: int = Field(2, ge=1)
+    # protocol, Trojan target 3: it vouches for 540 of the clean cats at 2 and 274 at 1, and for none of the poison;
+    # BadNets: 24 poison at 2, README). 2 has not run the whole matrix alone, so 1 stays the default
+    vouch_rank: int = Field(1, ge=1)
     score_batch: int = Field(512, ge=1)
     finetune_epochs: int = Field(3, ge=0)  # section 4.2.4: relabel and fine-tune on the whole relabelled set
     # Section 4.2.4's relabelling (`relabel_finetune`): `all` is Eq. 12, every suspect takes the clean model's
