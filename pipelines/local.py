@@ -121,10 +121,10 @@ def run(defense: str, cfg: RunConfig, out_root: Path, *, mlflow_uri: str | None,
 
 
 def rerun(defense: str, cfg: RunConfig, earlier: dict[str, Path], stage: str, out_root: Path, *, downstream: bool,
-          mlflow_uri: str | None, name: str, numbered: bool = True) -> Path:
+          mlflow_uri: str | None, name: str) -> Path:
     """Rerun `stage` (and with `downstream` every stage after it that depends on it) with `cfg`, reading every
-    other input from the earlier run's stage folders `earlier`, into the run folder `name` (`numbered`: a name made
-    from the time, `_new_run_dir`). Nothing upstream executes."""
+    other input from the earlier run's stage folders `earlier`, into the run folder `name` (made from the time by
+    `unpoison rerun`, so numbered on a clash: `_new_run_dir`). Nothing upstream executes."""
     d = get(defense)
     delivered = cfg.attack.name == "none"
     d.stage(stage, delivered)  # an unknown stage fails here, naming the defense's stages
@@ -135,7 +135,7 @@ def rerun(defense: str, cfg: RunConfig, earlier: dict[str, Path], stage: str, ou
     if lacking:
         raise UnpoisonError(f"the earlier run has no output for stage(s) {', '.join(lacking)}; rerun from an earlier "
                             f"stage or with --downstream")
-    run_dir = _new_run_dir(out_root, name, numbered)
+    run_dir = _new_run_dir(out_root, name, numbered=True)
     name = run_dir.name.removesuffix(".partial")
     artifacts.write_json({"defense": defense, "config": cfg.model_dump(), "rerun": {"stage": stage,
                           "downstream": downstream, "inputs": {s: str(p) for s, p in earlier.items()}}},

@@ -88,7 +88,7 @@ class MecaParams(Strict):
     # 2 %, CPU protocol: the enhancement concentrated on horse, the vote named airplane, and line 12 inside airplane
     # left 16 of the 200 poison in the pool, ASR 0.052; 3 with `concentrated` and `vouch_rank` 2). Not the default:
     # on SIG the whole label suspected leaves the first pool few of its clean samples, the returned ones weigh up to
-    # 5.4 each, and the few poison among them with them (AMD EPYC: ASR 0.131 against 0.008 with `always`; README)
+    # 5.4 each, and the few poison among them with them (AMD EPYC: ASR 0.131, with `always` 0.052; README)
     trust_fit: Literal["always", "concentrated"] = "always"
     balance: bool = True
     # A second pass (`vouch`, beyond the paper): the suspects of the suspect label that the first clean model predicts
